@@ -1,0 +1,76 @@
+# kvgate — everything a developer or CI runs goes through these targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+PROJECT ?= kvgate
+IMAGES_ENV := deploy/.build/images.env
+# Loads the image names that `make images` chose (local or public) into a recipe's environment.
+WITH_IMAGES := set -a && . $(IMAGES_ENV) && set +a && export TESTCONTAINERS_RYUK_DISABLED=true &&
+
+include deploy/images.mk
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/^[^:]*://' | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@echo "==> creating $(VENV) and installing kvgate[dev]"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	@touch $@
+
+.PHONY: venv
+venv: $(VENV)/.installed ## create the virtualenv with kvgate and its dev tools
+
+.PHONY: protos
+protos: venv ## regenerate protos/kvgate/v1/*_pb2*.py and stubs
+	$(PY) protos/generate.py
+
+.PHONY: fmt
+fmt: venv ## format the code
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+.PHONY: check
+check: venv ## ruff (format + lint) and mypy
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+.PHONY: test
+test: check images ## everything: lint, types, unit, integration and e2e tests
+	$(WITH_IMAGES) $(VENV)/bin/pytest tests -m 'not vllm'
+
+.PHONY: test-unit
+test-unit: venv ## unit tests only (no Docker)
+	$(VENV)/bin/pytest tests/unit
+
+.PHONY: test-integration
+test-integration: venv images ## integration tests (real Redis and Mosquitto containers)
+	$(WITH_IMAGES) $(VENV)/bin/pytest tests/integration -m 'not vllm'
+
+.PHONY: test-e2e
+test-e2e: venv images ## end-to-end tests against the docker compose fleet
+	$(WITH_IMAGES) $(VENV)/bin/pytest tests/e2e
+
+.PHONY: test-vllm
+test-vllm: venv ## vLLM contract tests (needs `pip install -e '.[vllm]'` and a GPU)
+	$(VENV)/bin/pytest -m vllm tests -o addopts=''
+
+.PHONY: up
+up: venv images ## build images, start the compose fleet and stream a sample conversation
+	$(WITH_IMAGES) $(COMPOSE) -p $(PROJECT) -f deploy/compose.yaml up -d
+	$(VENV)/bin/kvgate chat --gateway localhost:$${KVGATE_GATEWAY_PORT:-50050} --wait 120 --demo
+
+.PHONY: down
+down: ## stop the compose fleet and remove its containers and volumes
+	$(COMPOSE) -p $(PROJECT) -f deploy/compose.yaml down -v --remove-orphans
+
+.PHONY: clean
+clean: ## remove build outputs (not the venv)
+	rm -rf deploy/.build .mypy_cache .ruff_cache .pytest_cache

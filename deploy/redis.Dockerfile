@@ -1,0 +1,19 @@
+# kvgate/redis:local — offline stand-in for redis:7-bookworm, built on the
+# debootstrap base kvgate/base:bookworm, which already contains Debian's
+# redis-server + redis-tools and a redis-owned /data (made by build-images.sh so
+# that this build is COPY-only and takes about a second).
+#   docker build -f deploy/redis.Dockerfile --build-arg BASE_IMAGE=kvgate/base:bookworm deploy
+# Like the public image: port 6379, WORKDIR/VOLUME /data, CMD redis-server,
+# listens on all interfaces with protected-mode off (see redis/redis.conf).
+ARG BASE_IMAGE=kvgate/base:bookworm
+FROM ${BASE_IMAGE}
+
+COPY redis/redis.conf /etc/redis/kvgate.conf
+COPY redis/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+
+WORKDIR /data
+VOLUME /data
+USER redis
+EXPOSE 6379
+ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]
+CMD ["redis-server"]

@@ -1,0 +1,1 @@
+"""The public edge: Chat servicer, sessions, relay to workers, client CLI."""

@@ -1,0 +1,90 @@
+"""`kvgate gateway`: run one gateway replica."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from kvgate.service import run_until_signalled
+
+from gateway.server import GatewayService, GatewaySettings
+from gateway.validation import Limits
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen", default="0.0.0.0:50050", help="gRPC listen address (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--scheduler", default="localhost:50051", help="scheduler address host:port (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--redis-url",
+        default="redis://localhost:6379/0",
+        help="Redis holding session histories (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--models",
+        default="llama-3-8b",
+        help="comma-separated models the fleet serves; the first is the default",
+    )
+    parser.add_argument(
+        "--session-ttl",
+        type=float,
+        default=7 * 24 * 3600.0,
+        help="seconds an idle session is kept (default: 7 days)",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=32 * 1024,
+        help="largest user message accepted (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=4096,
+        help="largest max_tokens a client may ask for (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=256,
+        help="max_tokens when the client sends none (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight turns get to finish on SIGTERM (default: %(default)s)",
+    )
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: off)")
+
+
+def run(args: argparse.Namespace) -> int:
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if not models:
+        print("kvgate gateway: --models must name at least one model", file=sys.stderr)
+        return 2
+    settings = GatewaySettings(
+        listen=args.listen,
+        scheduler=args.scheduler,
+        redis_url=args.redis_url,
+        models=models,
+        session_idle_ttl_s=args.session_ttl,
+        limits=Limits(
+            max_message_bytes=args.max_message_bytes,
+            max_tokens_limit=args.max_tokens_limit,
+            default_max_tokens=args.default_max_tokens,
+        ),
+        metrics_port=args.metrics_port,
+        grace_s=args.grace,
+    )
+
+    async def main() -> None:
+        service = GatewayService(settings)
+        await run_until_signalled("gateway", service.start, service.stop)
+
+    asyncio.run(main())
+    return 0

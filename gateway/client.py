@@ -1,0 +1,81 @@
+"""A small async client for the Chat API, for programs and for `kvgate chat`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import grpc
+from kvgate.service import CHANNEL_OPTIONS
+from kvgate.v1 import chat_pb2, chat_pb2_grpc
+
+if TYPE_CHECKING:
+    from kvgate.v1.chat_pb2_grpc import ChatAsyncStub
+
+
+class ChatClient:
+    def __init__(self, address: str, api_key: str = "") -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub: ChatAsyncStub = chat_pb2_grpc.ChatStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    async def __aenter__(self) -> ChatClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def create_session(
+        self, model: str = "", system_prompt: str = "", timeout: float = 10
+    ) -> chat_pb2.Session:
+        return await self._stub.CreateSession(
+            chat_pb2.CreateSessionRequest(model=model, system_prompt=system_prompt),
+            metadata=self._metadata,
+            timeout=timeout,
+        )
+
+    async def get_session(self, session_id: str, timeout: float = 10) -> chat_pb2.Session:
+        return await self._stub.GetSession(
+            chat_pb2.GetSessionRequest(session_id=session_id), metadata=self._metadata, timeout=timeout
+        )
+
+    async def delete_session(self, session_id: str, timeout: float = 10) -> bool:
+        response = await self._stub.DeleteSession(
+            chat_pb2.DeleteSessionRequest(session_id=session_id), metadata=self._metadata, timeout=timeout
+        )
+        return bool(response.deleted)
+
+    async def send(
+        self, session_id: str, content: str, max_tokens: int = 0, timeout: float | None = 120
+    ) -> AsyncIterator[chat_pb2.SendEvent]:
+        call = self._stub.Send(
+            chat_pb2.SendRequest(session_id=session_id, content=content, max_tokens=max_tokens),
+            metadata=self._metadata,
+            timeout=timeout,
+        )
+        async for event in call:
+            yield event
+
+    async def reply(
+        self, session_id: str, content: str, max_tokens: int = 0
+    ) -> tuple[str, chat_pb2.Done, chat_pb2.Placement]:
+        """Send one turn and collect it: (full text, final event, placement)."""
+        parts: list[str] = []
+        done = chat_pb2.Done()
+        placement = chat_pb2.Placement()
+        async for event in self.send(session_id, content, max_tokens):
+            kind = event.WhichOneof("event")
+            if kind == "delta":
+                parts.append(event.delta.text)
+            elif kind == "placement":
+                placement = event.placement
+            elif kind == "done":
+                done = event.done
+        return "".join(parts), done, placement

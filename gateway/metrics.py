@@ -1,0 +1,15 @@
+"""Prometheus metrics of the gateway."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+TURNS = Counter("kvgate_gateway_turns_total", "Send calls by outcome", ["outcome"])
+TTFT_SECONDS = Histogram(
+    "kvgate_gateway_ttft_seconds",
+    "Time to first token seen by the gateway",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+FAILOVERS = Counter(
+    "kvgate_gateway_failovers_total", "Turns moved to another worker mid-request", ["after_first_token"]
+)

@@ -1,0 +1,218 @@
+"""Run one assistant turn across the fleet: place, stream from the worker, fail over.
+
+If a worker fails before its first token the turn is placed again invisibly; if it
+fails after some tokens, the turn resumes on another worker from the history plus the
+partial answer, so the client sees one uninterrupted stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+from kvgate.service import CHANNEL_OPTIONS
+from kvgate.v1 import chat_pb2, common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
+
+from gateway.metrics import FAILOVERS
+
+if TYPE_CHECKING:
+    from kvgate.v1.scheduler_pb2_grpc import SchedulerAsyncStub
+    from kvgate.v1.worker_pb2_grpc import WorkerAsyncStub
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_WORKER_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
+)  # fmt: skip
+
+
+class AtCapacity(Exception):
+    def __init__(self, retry_after_ms: int, reason: str) -> None:
+        super().__init__(reason)
+        self.retry_after_ms = retry_after_ms
+
+
+class PlacementUnavailable(Exception):
+    def __init__(self, detail: str, retry_after_ms: int = 1000) -> None:
+        super().__init__(detail)
+        self.retry_after_ms = retry_after_ms
+
+
+class TurnRejected(Exception):
+    """The worker refused the request as invalid (e.g. prompt longer than the context)."""
+
+
+@dataclass(frozen=True)
+class TurnJob:
+    session_id: str
+    model: str
+    tier: str
+    messages: Sequence[common_pb2.Message]
+    prompt_tokens_estimate: int
+    max_tokens: int
+    deadline: float | None = None  # time.monotonic() by which the turn must end
+
+
+@dataclass
+class TurnProgress:
+    parts: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    worker_id: str = ""
+    region: str = ""
+    finish_reason: str = ""
+    resumed: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class WorkerChannels:
+    """One long-lived channel per worker address (HTTP/2 multiplexes all streams over it)."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> WorkerAsyncStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return worker_pb2_grpc.WorkerStub(channel)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+class TurnRunner:
+    def __init__(self, scheduler: SchedulerAsyncStub, workers: WorkerChannels, max_attempts: int = 4) -> None:
+        self._scheduler = scheduler
+        self._workers = workers
+        self._max_attempts = max_attempts
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]:
+        excluded: list[str] = []
+        placement_sent = False
+        for _attempt in range(self._max_attempts):
+            request_id = uuid.uuid4().hex
+            placed = await self._place(job, request_id, progress, excluded)
+            call = self._workers.stub(placed.address).Generate(
+                worker_pb2.GenerateRequest(
+                    request_id=request_id,
+                    session_id=job.session_id,
+                    messages=job.messages,
+                    max_tokens=job.max_tokens - progress.completion_tokens,
+                    assistant_prefix=progress.text,
+                ),
+                timeout=_remaining(job.deadline),
+            )
+            try:
+                async for chunk in call:
+                    if not placement_sent:
+                        placement_sent = True
+                        yield chat_pb2.SendEvent(
+                            placement=chat_pb2.Placement(
+                                worker_id=placed.worker_id,
+                                region=placed.region,
+                                cache_hit=placed.outcome == scheduler_pb2.PLACE_OUTCOME_PINNED_HIT,
+                                engine=placed.engine,
+                            )
+                        )
+                    if not progress.prompt_tokens:
+                        progress.prompt_tokens = chunk.prompt_tokens
+                        progress.cached_tokens = chunk.cached_tokens
+                    if chunk.text:
+                        if progress.first_token_at is None:
+                            progress.first_token_at = time.monotonic()
+                        progress.parts.append(chunk.text)
+                        yield chat_pb2.SendEvent(delta=chat_pb2.TextDelta(text=chunk.text))
+                    progress.completion_tokens += chunk.num_tokens
+                    if chunk.finished:
+                        progress.finish_reason = chunk.finish_reason or "stop"
+                        return
+                # The stream closed without a final chunk: the worker went away.
+                log.warning("worker %s ended the stream early", placed.worker_id)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise TurnRejected(exc.details() or "invalid request") from exc
+                if exc.code() not in RETRYABLE_WORKER_CODES:
+                    raise
+                log.warning(
+                    "worker %s failed (%s: %s); failing over",
+                    placed.worker_id,
+                    exc.code().name,
+                    exc.details(),
+                )
+            finally:
+                call.cancel()
+                self._release(request_id, placed.worker_id)
+            excluded.append(placed.worker_id)
+            progress.resumed = progress.resumed or progress.completion_tokens > 0
+            FAILOVERS.labels(after_first_token=str(progress.completion_tokens > 0).lower()).inc()
+        raise PlacementUnavailable(f"no worker could finish the turn after {self._max_attempts} attempts")
+
+    async def _place(
+        self, job: TurnJob, request_id: str, progress: TurnProgress, excluded: list[str]
+    ) -> scheduler_pb2.Placed:
+        try:
+            response = await self._scheduler.Place(
+                scheduler_pb2.PlaceRequest(
+                    request_id=request_id,
+                    session_id=job.session_id,
+                    model=job.model,
+                    tier=job.tier,
+                    prompt_tokens=job.prompt_tokens_estimate + progress.completion_tokens,
+                    max_new_tokens=job.max_tokens - progress.completion_tokens,
+                    exclude_workers=excluded,
+                ),
+                timeout=min(5.0, _remaining(job.deadline) or 5.0),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise PlacementUnavailable(
+                f"scheduler unavailable ({exc.code().name}: {exc.details()})", _pushback_ms(exc)
+            ) from exc
+        if response.WhichOneof("result") == "shed":
+            raise AtCapacity(response.shed.retry_after_ms, response.shed.reason)
+        progress.worker_id = response.placed.worker_id
+        progress.region = response.placed.region
+        placed: scheduler_pb2.Placed = response.placed
+        return placed
+
+    def _release(self, request_id: str, worker_id: str) -> None:
+        async def release() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._scheduler.Release(
+                    scheduler_pb2.ReleaseRequest(request_id=request_id, worker_id=worker_id), timeout=2.0
+                )
+
+        task = asyncio.create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    return max(0.001, deadline - time.monotonic())
+
+
+def _pushback_ms(exc: grpc.aio.AioRpcError) -> int:
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-retry-pushback-ms" and isinstance(value, str) and value.isdigit():
+            return int(value)
+    return 1000

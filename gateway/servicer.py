@@ -1,0 +1,206 @@
+"""gRPC `Chat` service: sessions, validation, and streaming one assistant turn per Send."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, NoReturn
+
+import grpc
+import redis.exceptions
+from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2
+
+from gateway import prompt
+from gateway.metrics import TTFT_SECONDS, TURNS
+from gateway.relay import AtCapacity, PlacementUnavailable, TurnJob, TurnProgress, TurnRejected, TurnRunner
+from gateway.sessions import SessionStore, now_ms
+from gateway.validation import Limits, check_max_tokens, check_messages, check_text
+
+log = logging.getLogger(__name__)
+
+AT_CAPACITY_MESSAGE = "kvgate is at capacity right now; retry after the pushback delay"
+REDIS_DOWN_RETRY_MS = 1000
+
+
+class ChatServicer(chat_pb2_grpc.ChatServicer):
+    def __init__(
+        self, sessions: SessionStore, runner: TurnRunner, models: Sequence[str], limits: Limits
+    ) -> None:
+        self._sessions = sessions
+        self._runner = runner
+        self._models = list(models)
+        self._limits = limits
+
+    async def CreateSession(
+        self, request: chat_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> chat_pb2.Session:
+        model = request.model or self._models[0]
+        if model not in self._models:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"model {model!r} is not served; available: {', '.join(self._models)}",
+            )
+        problem = check_text(
+            "system_prompt", request.system_prompt, self._limits.max_system_prompt_bytes, required=False
+        )
+        if not problem and len(request.metadata) > self._limits.max_metadata_entries:
+            limit = self._limits.max_metadata_entries
+            problem = f"metadata has {len(request.metadata)} entries; the limit is {limit}"
+        if problem:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            return await self._sessions.create(model, request.system_prompt, dict(request.metadata))
+        except redis.exceptions.RedisError:
+            await _redis_down(context)
+
+    async def GetSession(
+        self, request: chat_pb2.GetSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> chat_pb2.Session:
+        return await self._load(request.session_id, context)
+
+    async def DeleteSession(
+        self, request: chat_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> chat_pb2.DeleteSessionResponse:
+        await self._load(request.session_id, context)
+        try:
+            return chat_pb2.DeleteSessionResponse(deleted=await self._sessions.delete(request.session_id))
+        except redis.exceptions.RedisError:
+            await _redis_down(context)
+
+    async def ListSessions(
+        self, request: chat_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> chat_pb2.ListSessionsResponse:
+        limit = min(request.limit or 50, 1000)
+        try:
+            return chat_pb2.ListSessionsResponse(sessions=await self._sessions.list_recent(limit))
+        except redis.exceptions.RedisError:
+            await _redis_down(context)
+
+    async def _load(self, session_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> chat_pb2.Session:
+        if not session_id:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
+        try:
+            session = await self._sessions.get(session_id)
+        except redis.exceptions.RedisError:
+            await _redis_down(context)
+        if session is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"session_id {session_id!r} not found")
+        return session
+
+    async def Send(
+        self, request: chat_pb2.SendRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[chat_pb2.SendEvent]:
+        session, messages = await self._conversation(request, context)
+        max_tokens = request.max_tokens or self._limits.default_max_tokens
+        problem = check_max_tokens(max_tokens, self._limits)
+        if problem:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        remaining = context.time_remaining()
+        job = TurnJob(
+            session_id=session.session_id if session else "",
+            model=session.model if session else request.model,
+            tier="free",
+            messages=messages,
+            prompt_tokens_estimate=prompt.estimate_tokens(messages),
+            max_tokens=max_tokens,
+            deadline=time.monotonic() + remaining if remaining is not None else None,
+        )
+        progress = TurnProgress()
+        try:
+            async for event in self._runner.stream(job, progress):
+                yield event
+        except AtCapacity as exc:
+            TURNS.labels(outcome="shed").inc()
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(exc.retry_after_ms)),))
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, AT_CAPACITY_MESSAGE)
+        except PlacementUnavailable as exc:
+            TURNS.labels(outcome="unavailable").inc()
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(exc.retry_after_ms)),))
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except TurnRejected as exc:
+            TURNS.labels(outcome="invalid").inc()
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except grpc.aio.AioRpcError as exc:
+            TURNS.labels(outcome="deadline").inc()
+            await _abort(context, exc.code(), exc.details() or "turn failed")
+
+        finished = time.monotonic()
+        ttft = (progress.first_token_at or finished) - progress.started_at
+        TTFT_SECONDS.observe(ttft)
+        usage = common_pb2.Usage(
+            prompt_tokens=progress.prompt_tokens,
+            cached_tokens=progress.cached_tokens,
+            completion_tokens=progress.completion_tokens,
+            ttft_s=ttft,
+            total_s=finished - progress.started_at,
+            resumed=progress.resumed,
+        )
+        turn_index = 0
+        if session is not None:
+            turn = chat_pb2.Turn(
+                user=request.content,
+                assistant=progress.text,
+                finish_reason=progress.finish_reason,
+                usage=usage,
+                worker_id=progress.worker_id,
+                created_unix_ms=now_ms(),
+            )
+            try:
+                # Durable before acknowledged: Done is sent only once the turn is stored.
+                turn_index = await self._sessions.append_turn(session.session_id, turn)
+            except redis.exceptions.RedisError:
+                TURNS.labels(outcome="not_saved").inc()
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(REDIS_DOWN_RETRY_MS)),))
+                await _abort(
+                    context,
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the reply could not be saved (session store unavailable); send the turn again",
+                )
+        TURNS.labels(outcome="ok").inc()
+        yield chat_pb2.SendEvent(
+            done=chat_pb2.Done(
+                finish_reason=progress.finish_reason,
+                usage=usage,
+                session_id=session.session_id if session else "",
+                turn_index=turn_index,
+            )
+        )
+
+    async def _conversation(
+        self, request: chat_pb2.SendRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[chat_pb2.Session | None, list[common_pb2.Message]]:
+        if request.session_id:
+            if request.messages:
+                await _abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "messages must be empty when session_id is set (the session holds the history)",
+                )
+            problem = check_text("content", request.content, self._limits.max_message_bytes)
+            if problem:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+            session = await self._load(request.session_id, context)
+            return session, prompt.conversation(session, request.content)
+        messages = list(request.messages)
+        problem = check_messages(messages, self._limits)
+        if not problem and request.content:
+            problem = "content must be empty in stateless mode: put the user turn last in messages"
+        if not problem and request.model not in self._models:
+            problem = f"model {request.model!r} is not served; available: {', '.join(self._models)}"
+        if problem:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return None, messages
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str
+) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+async def _redis_down(context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+    context.set_trailing_metadata((("grpc-retry-pushback-ms", str(REDIS_DOWN_RETRY_MS)),))
+    await _abort(context, grpc.StatusCode.UNAVAILABLE, "session store (Redis) unavailable; retry shortly")

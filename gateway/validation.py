@@ -1,0 +1,56 @@
+"""Checks on client input. Each returns a message naming the field, or "" when the input is fine."""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+
+from kvgate.v1 import common_pb2
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 32 * 1024
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 256
+    max_system_prompt_bytes: int = 16 * 1024
+    max_metadata_entries: int = 32
+
+
+def check_text(field: str, text: str, max_bytes: int, *, required: bool = True) -> str:
+    if required and not text.strip():
+        return f"{field} must not be empty"
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > max_bytes:
+        return f"{field} is {size} bytes; the limit is {max_bytes}"
+    for i, ch in enumerate(text):
+        if ch in "\n\r\t":
+            continue
+        category = unicodedata.category(ch)
+        if category == "Cc":
+            return f"{field} contains a control character (U+{ord(ch):04X}) at offset {i}"
+        if category == "Cs":
+            return f"{field} is not valid UTF-8 (lone surrogate at offset {i})"
+    return ""
+
+
+def check_max_tokens(requested: int, limits: Limits) -> str:
+    if requested > limits.max_tokens_limit:
+        return f"max_tokens is {requested}; the limit is {limits.max_tokens_limit}"
+    return ""
+
+
+def check_messages(messages: list[common_pb2.Message], limits: Limits) -> str:
+    if not messages:
+        return "messages must not be empty when session_id is not set"
+    for i, message in enumerate(messages):
+        if message.role not in ROLES:
+            return f"messages[{i}].role must be one of {list(ROLES)}, got {message.role!r}"
+        problem = check_text(f"messages[{i}].content", message.content, limits.max_message_bytes)
+        if problem:
+            return problem
+    if messages[-1].role != "user":
+        return "messages: the last message must have role 'user'"
+    return ""

@@ -1,0 +1,1 @@
+"""One GPU worker: engine protocol, simulated and vLLM engines, gRPC server, telemetry."""

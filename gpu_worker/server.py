@@ -1,0 +1,136 @@
+"""Wiring of one worker process: engine + gRPC Worker service + MQTT telemetry."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from kvgate.mqtt_url import MqttUrl
+from kvgate.service import BackgroundTasks, GrpcHost, start_metrics_server
+from kvgate.v1 import worker_pb2, worker_pb2_grpc
+
+from gpu_worker.engine import Engine, EngineError
+from gpu_worker.servicer import WorkerServicer
+from gpu_worker.telemetry import DRAINING, TelemetryPublisher, WorkerIdentity
+
+log = logging.getLogger(__name__)
+
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    worker_id: str
+    region: str
+    listen: str = "0.0.0.0:50061"
+    advertise: str = ""
+    engine: str = "sim"
+    gpu: str = "h100"
+    model: str = "llama-3-8b"
+    tp: int = 1
+    mqtt_url: str = "mqtt://localhost:1883"
+    stats_interval_s: float = 0.25
+    mqtt_keepalive_s: int = 5
+    time_scale: float = 1.0
+    num_gpu_blocks: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    gpu_memory_utilization: float = 0.9
+    metrics_port: int | None = None
+    drain_grace_s: float = 60.0
+    vllm_model_path: str = ""
+
+
+def build_engine(settings: WorkerSettings) -> Engine:
+    if settings.engine == "sim":
+        from gpu_worker.live_sim import LiveSimEngine
+        from gpu_worker.sim import EngineConfig
+
+        try:
+            config = EngineConfig(
+                gpu=settings.gpu,
+                model=settings.model,
+                tp=settings.tp,
+                gpu_memory_utilization=settings.gpu_memory_utilization,
+                max_num_seqs=settings.max_num_seqs,
+                max_num_batched_tokens=settings.max_num_batched_tokens,
+                num_gpu_blocks_override=settings.num_gpu_blocks,
+            )
+            return LiveSimEngine(config, time_scale=settings.time_scale)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from exc
+    if settings.engine == "vllm":
+        from gpu_worker.vllm_engine import VllmEngine, VllmEngineConfig
+
+        return VllmEngine(
+            VllmEngineConfig(
+                model=settings.vllm_model_path or settings.model,
+                tensor_parallel_size=settings.tp,
+                gpu_memory_utilization=settings.gpu_memory_utilization,
+                max_num_seqs=settings.max_num_seqs,
+                max_num_batched_tokens=settings.max_num_batched_tokens,
+            )
+        )
+    raise EngineError(f"--engine must be 'sim' or 'vllm', got {settings.engine!r}")
+
+
+class WorkerService:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.engine = build_engine(settings)
+        self.host = GrpcHost(settings.listen, [WORKER_SERVICE])
+        self.servicer = WorkerServicer(self.engine, on_drain=self._announce_drain)
+        worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self.host.server)
+        self.telemetry: TelemetryPublisher | None = None
+        self._tasks = BackgroundTasks()
+
+    @property
+    def address(self) -> str:
+        return self.settings.advertise or self.host.address
+
+    def _announce_drain(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.set_state(DRAINING)
+
+    async def start(self) -> None:
+        await self.engine.start()
+        await self.host.start()
+        start_metrics_server(self.settings.metrics_port)
+        identity = WorkerIdentity(
+            worker_id=self.settings.worker_id,
+            region=self.settings.region,
+            address=self.address,
+            model=self.engine.model,
+            engine=self.engine.kind,
+            gpu=self.settings.gpu if self.engine.kind == "sim" else "cuda",
+        )
+        self.telemetry = TelemetryPublisher(
+            MqttUrl.parse(self.settings.mqtt_url),
+            identity,
+            self.engine,
+            interval_s=self.settings.stats_interval_s,
+            keepalive_s=self.settings.mqtt_keepalive_s,
+        )
+        self._tasks.spawn("telemetry", self.telemetry.run())
+        log.info(
+            "worker %s (%s, %s on %s, %d KV blocks of %d tokens) serving on %s",
+            self.settings.worker_id,
+            self.settings.region,
+            self.engine.model,
+            identity.gpu,
+            self.engine.num_blocks,
+            self.engine.block_size,
+            self.address,
+        )
+
+    async def stop(self) -> None:
+        """Drain: announce, refuse new requests, let in-flight ones finish, then go offline."""
+        self.servicer.start_drain()
+        if not await self.servicer.wait_idle(self.settings.drain_grace_s):
+            log.warning("drain grace expired with %d requests in flight", self.servicer.in_flight)
+        if self.telemetry is not None:
+            # Lets the publisher say OFFLINE itself before the connection closes.
+            self.telemetry.stop()
+        await self._tasks.join(timeout_s=5.0)
+        await self.host.stop(grace_s=1.0)
+        await self.engine.close()

@@ -1,0 +1,490 @@
+"""SimEngine: a pure state machine of vLLM V1's scheduler loop (vllm/v1/core/sched/scheduler.py).
+
+One `step()` is one engine iteration: schedule running requests (decodes and ongoing
+prefill chunks) under a token budget, admit waiting requests FCFS with prefix-cache lookup,
+preempt by recompute when blocks run out, price the batch with the roofline model and
+emit the sampled tokens. No clock is read here: callers advance wall or virtual time by
+`duration_s`.
+
+Cost discipline: work per step is O(batch); per-token work happens only when hashing a
+prompt once at add_request, when a caller asks for token ids, and when a request's
+generated blocks are hashed once as it leaves the batch (see _cache_computed_blocks).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import islice
+
+from gpu_worker.engine import EngineError, EngineStats, KvEventBatch
+from gpu_worker.sim.block_pool import BlockPool, block_hashes, hash_block_tokens
+from gpu_worker.sim.profiles import get_gpu, get_model
+from gpu_worker.sim.roofline import StepCost, check_tp, decode_run_cost, kv_capacity_blocks, step_cost
+from gpu_worker.sim.tokenizer import SimTokenizer
+
+# Weight of the newest step in the step-time/throughput moving averages.
+_EWMA_ALPHA = 0.1
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    gpu: str
+    model: str
+    tp: int = 1
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    max_model_len: int | None = None
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    # Empty when the caller skipped token ids (jump(collect_tokens=False)); see num_new_tokens.
+    new_token_ids: list[int]
+    num_new_tokens: int
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    finished: bool = False
+    finish_reason: str = ""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    duration_s: float
+    outputs: list[RequestOutput]
+    num_scheduled_tokens: int
+    arithmetic_intensity: float
+    num_preempted: int = 0
+
+
+@dataclass(frozen=True)
+class JumpOutput:
+    num_steps: int
+    duration_s: float
+    outputs: list[RequestOutput]
+    num_scheduled_tokens: int
+    # Aggregate FLOPs / bytes over the k steps.
+    arithmetic_intensity: float
+
+
+class _Request:
+    __slots__ = (
+        "blocks",
+        "hashes",
+        "max_new_tokens",
+        "num_cached_blocks",
+        "num_cached_tokens",
+        "num_computed",
+        "num_output",
+        "prompt",
+        "request_id",
+        "seed",
+    )
+
+    def __init__(
+        self, request_id: str, prompt: list[int], max_new_tokens: int, seed: int, hashes: list[int]
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        # Chained hashes of full blocks of prompt + output known so far (prefix of the sequence).
+        self.hashes = hashes
+        self.num_output = 0
+        # Tokens whose KV is in the cache; the newest sampled token is never computed yet.
+        self.num_computed = 0
+        self.blocks: list[int] = []
+        # Leading entries of `blocks` already registered in (or taken from) the prefix cache.
+        self.num_cached_blocks = 0
+        self.num_cached_tokens = -1  # set at first admission
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + self.num_output
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class SimEngine:
+    kind = "sim"
+
+    def __init__(self, config: EngineConfig, tokenizer: SimTokenizer | None = None) -> None:
+        if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
+            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.config = config
+        self.gpu = get_gpu(config.gpu)
+        self.model_profile = get_model(config.model)
+        check_tp(self.model_profile, config.tp)
+        self.model = config.model
+        self.block_size = config.block_size
+        self.max_model_len = config.max_model_len or self.model_profile.max_model_len
+        if config.num_gpu_blocks_override is not None:
+            self.num_blocks = config.num_gpu_blocks_override
+        else:
+            self.num_blocks = kv_capacity_blocks(
+                self.gpu, self.model_profile, config.tp, config.gpu_memory_utilization, config.block_size
+            )
+        self.pool = BlockPool(self.num_blocks, config.enable_prefix_caching)
+        self.tokenizer = tokenizer or SimTokenizer()
+        self._caching = config.enable_prefix_caching
+        self._requests: dict[str, _Request] = {}
+        self._running: list[_Request] = []
+        self._waiting: deque[_Request] = deque()
+        self._preemptions = 0
+        self._prompt_tokens_queried = 0
+        self._prompt_tokens_hit = 0
+        self._ewma_step_s = 0.0
+        self._ewma_tokens = 0.0
+        self._last_intensity = 0.0
+        self._steps = 0
+
+    # -- requests -------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: Sequence[int], max_new_tokens: int, seed: int = 0
+    ) -> None:
+        if request_id in self._requests:
+            raise EngineError(f"duplicate request id {request_id!r}")
+        if len(prompt_token_ids) == 0:
+            raise EngineError(f"request {request_id!r} has an empty prompt")
+        if max_new_tokens < 1:
+            raise EngineError(f"request {request_id!r}: max_new_tokens must be >= 1, got {max_new_tokens}")
+        total = len(prompt_token_ids) + max_new_tokens
+        if total > self.max_model_len:
+            raise EngineError(
+                f"request {request_id!r}: prompt ({len(prompt_token_ids)} tokens) + max_new_tokens "
+                f"({max_new_tokens}) = {total} exceeds max_model_len {self.max_model_len}"
+            )
+        if _cdiv(total, self.block_size) > self.num_blocks:
+            raise EngineError(
+                f"request {request_id!r} needs {_cdiv(total, self.block_size)} KV blocks, "
+                f"the engine has {self.num_blocks}"
+            )
+        prompt = list(prompt_token_ids)
+        hashes = block_hashes(prompt, self.block_size) if self._caching else []
+        req = _Request(request_id, prompt, max_new_tokens, seed, hashes)
+        self._requests[request_id] = req
+        self._waiting.append(req)
+
+    def abort(self, request_id: str) -> bool:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        if req.blocks:
+            self._running.remove(req)
+            self._release(req)
+        else:
+            self._waiting.remove(req)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- block bookkeeping ------------------------------------------------------------
+
+    def _token_at(self, req: _Request, pos: int) -> int:
+        n_prompt = len(req.prompt)
+        return req.prompt[pos] if pos < n_prompt else self.tokenizer.sample(req.seed, pos - n_prompt)
+
+    def _ensure_hashes(self, req: _Request, n_blocks: int) -> None:
+        bs = self.block_size
+        hashes = req.hashes
+        while len(hashes) < n_blocks:
+            i = len(hashes)
+            tokens = [self._token_at(req, p) for p in range(i * bs, (i + 1) * bs)]
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, tokens))
+
+    def _cache_computed_blocks(self, req: _Request) -> None:
+        """Register req's full, computed blocks in the prefix cache.
+
+        Called after prefill chunks and when a request leaves the batch, not after decode
+        steps: a generated block can only be hit by a prompt that contains this request's
+        unfinished answer, so deferring its hash until the request ends changes no cache
+        hit while keeping decode (and jump) free of per-token hashing. The visible effect is
+        that "stored" KV events for generated blocks arrive when the request ends.
+        """
+        if not self._caching:
+            return
+        target = min(req.num_computed // self.block_size, len(req.blocks))
+        if target <= req.num_cached_blocks:
+            return
+        self._ensure_hashes(req, target)
+        for i in range(req.num_cached_blocks, target):
+            self.pool.cache_block(req.blocks[i], req.hashes[i])
+        req.num_cached_blocks = target
+
+    def _release(self, req: _Request) -> None:
+        self._cache_computed_blocks(req)
+        # Tail first: the end of a sequence is the least likely to be shared, so evict it first.
+        self.pool.free(reversed(req.blocks))
+        req.blocks = []
+        req.num_cached_blocks = 0
+        req.num_computed = 0
+
+    def _preempt(self, req: _Request) -> None:
+        self._release(req)
+        self._waiting.appendleft(req)
+        self._preemptions += 1
+
+    def _plan_admission(self, req: _Request, budget: int) -> tuple[list[int], int, int] | None:
+        """(cache-hit blocks, tokens to schedule, new blocks to allocate) or None if it does not fit."""
+        bs = self.block_size
+        hits: list[int] = []
+        if self._caching:
+            # Never a full-prompt hit: the last token is recomputed to produce logits.
+            limit = (req.num_tokens - 1) // bs
+            self._ensure_hashes(req, limit)
+            hits = self.pool.get_computed_blocks(islice(req.hashes, limit))
+        cached = len(hits) * bs
+        n = min(req.num_tokens - cached, budget)
+        new_blocks = _cdiv(cached + n, bs) - len(hits)
+        if new_blocks + self.pool.num_evictable_among(hits) > self.pool.num_free:
+            return None
+        return hits, n, new_blocks
+
+    # -- stepping ---------------------------------------------------------------------
+
+    def step(self) -> StepOutput:
+        cfg = self.config
+        pool = self.pool
+        budget = cfg.max_num_batched_tokens
+        running = self._running
+        scheduled: list[tuple[_Request, int]] = []
+        preempted = 0
+
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            n = min(req.num_tokens - req.num_computed, budget)
+            need = _cdiv(req.num_computed + n, self.block_size) - len(req.blocks)
+            self_preempted = False
+            while need > pool.num_free:
+                # Recompute preemption of the newest running request (vLLM V1 FCFS policy).
+                victim = running.pop()
+                self._preempt(victim)
+                preempted += 1
+                if victim is req:
+                    self_preempted = True
+                    break
+            if self_preempted:
+                break
+            if need > 0:
+                req.blocks.extend(pool.allocate(need))
+            scheduled.append((req, n))
+            budget -= n
+            i += 1
+
+        if preempted == 0:
+            waiting = self._waiting
+            while waiting and len(running) < cfg.max_num_seqs and budget > 0:
+                req = waiting[0]
+                plan = self._plan_admission(req, budget)
+                if plan is None:
+                    break
+                hits, n, new_blocks = plan
+                waiting.popleft()
+                pool.touch(hits)
+                req.blocks = hits + pool.allocate(new_blocks)
+                req.num_cached_blocks = len(hits)
+                req.num_computed = len(hits) * self.block_size
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = req.num_computed
+                    self._prompt_tokens_queried += len(req.prompt)
+                    self._prompt_tokens_hit += req.num_computed
+                running.append(req)
+                scheduled.append((req, n))
+                budget -= n
+
+        if not scheduled:
+            return StepOutput(0.0, [], 0, 0.0, preempted)
+
+        cost = self._price(scheduled)
+        outputs: list[RequestOutput] = []
+        any_finished = False
+        for req, n in scheduled:
+            was_prefill = not (n == 1 and req.num_computed == req.num_tokens - 1)
+            req.num_computed += n
+            if was_prefill:
+                self._cache_computed_blocks(req)
+            if req.num_computed < req.num_tokens:
+                continue  # a prefill chunk that does not reach the end samples nothing
+            token = self.tokenizer.sample(req.seed, req.num_output)
+            req.num_output += 1
+            finished = req.num_output >= req.max_new_tokens
+            outputs.append(self._output(req, [token], 1, finished))
+            if finished:
+                any_finished = True
+                self._finish(req)
+        if any_finished:
+            self._running = [r for r in running if r.blocks]
+
+        num_scheduled = cfg.max_num_batched_tokens - budget
+        self._record(cost.seconds, len(outputs), cost.arithmetic_intensity, 1)
+        return StepOutput(cost.seconds, outputs, num_scheduled, cost.arithmetic_intensity, preempted)
+
+    def _price(self, scheduled: list[tuple[_Request, int]]) -> StepCost:
+        decode_ctx = 0
+        num_decode = 0
+        prefill_new = 0
+        prefill_ctx = 0
+        pairs = 0.0
+        for req, n in scheduled:
+            c = req.num_computed
+            if n == 1 and c == req.num_tokens - 1:
+                decode_ctx += c + 1
+                num_decode += 1
+            else:
+                prefill_new += n
+                prefill_ctx += c
+                pairs += n * (c + (n + 1) / 2)
+        return step_cost(
+            self.gpu,
+            self.model_profile,
+            self.config.tp,
+            decode_ctx,
+            num_decode,
+            prefill_new,
+            prefill_ctx,
+            prefill_attention_pairs=pairs,
+        )
+
+    def _output(self, req: _Request, ids: list[int], n: int, finished: bool) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=ids,
+            num_new_tokens=n,
+            num_prompt_tokens=len(req.prompt),
+            num_cached_tokens=req.num_cached_tokens,
+            num_output_tokens=req.num_output,
+            finished=finished,
+            finish_reason="length" if finished else "",
+        )
+
+    def _finish(self, req: _Request) -> None:
+        self._release(req)
+        del self._requests[req.request_id]
+
+    def _record(self, step_s: float, tokens_per_step: float, intensity: float, k: int) -> None:
+        """Fold k steps of (mean) duration step_s into the EWMAs: exact for k identical steps."""
+        if self._steps == 0:
+            self._ewma_step_s, self._ewma_tokens = step_s, tokens_per_step
+        else:
+            keep = (1.0 - _EWMA_ALPHA) ** k
+            self._ewma_step_s = step_s + (self._ewma_step_s - step_s) * keep
+            self._ewma_tokens = tokens_per_step + (self._ewma_tokens - tokens_per_step) * keep
+        self._last_intensity = intensity
+        self._steps += k
+
+    # -- multi-step jump --------------------------------------------------------------
+
+    def _extra_blocks(self, k: int) -> int:
+        bs = self.block_size
+        total = 0
+        for r in self._running:
+            extra = _cdiv(r.num_computed + k, bs) - len(r.blocks)
+            if extra > 0:
+                total += extra
+        return total
+
+    def steps_until_event(self) -> int:
+        """Pure-decode steps that can run before anything changes the batch: a request
+        finishing (the last of these steps may finish some), the pool running out of blocks
+        (which would preempt), or a waiting request becoming admissible. 0 means call step()."""
+        running = self._running
+        cfg = self.config
+        batch = len(running)
+        if batch == 0 or batch > cfg.max_num_batched_tokens:
+            return 0
+        if any(r.num_computed != r.num_tokens - 1 for r in running):
+            return 0  # something is still prefilling
+        k_finish = min(r.max_new_tokens - r.num_output for r in running)
+        if self._waiting and batch < cfg.max_num_seqs:
+            budget_left = cfg.max_num_batched_tokens - batch
+            # Decode allocations only shrink the free pool (and may evict the head's cache
+            # hits), so an admission that fails now keeps failing during the run.
+            if budget_left > 0 and self._plan_admission(self._waiting[0], budget_left) is not None:
+                return 0
+        free = self.pool.num_free
+        if self._extra_blocks(k_finish) <= free:
+            return k_finish
+        lo, hi = 0, k_finish  # extra(lo) <= free < extra(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._extra_blocks(mid) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def jump(self, k: int, collect_tokens: bool = False) -> JumpOutput:
+        """Advance k pure-decode steps at once; equivalent to k step() calls (same tokens,
+        block counts and, to float rounding, duration) in O(batch) unless tokens are collected."""
+        limit = self.steps_until_event()
+        if not 1 <= k <= limit:
+            raise ValueError(f"jump({k}) not possible: {limit} pure-decode steps available")
+        running = self._running
+        batch = len(running)
+        bs = self.block_size
+        contexts0 = sum(r.num_computed + 1 for r in running)
+        cost = decode_run_cost(self.gpu, self.model_profile, self.config.tp, batch, contexts0, k)
+        outputs: list[RequestOutput] = []
+        finished_any = False
+        for r in running:
+            extra = _cdiv(r.num_computed + k, bs) - len(r.blocks)
+            if extra > 0:
+                r.blocks.extend(self.pool.allocate(extra))
+            start = r.num_output
+            r.num_computed += k
+            r.num_output += k
+            ids = self.tokenizer.sample_many(r.seed, start, k) if collect_tokens else []
+            finished = r.num_output >= r.max_new_tokens
+            outputs.append(self._output(r, ids, k, finished))
+            if finished:
+                finished_any = True
+                self._finish(r)
+        if finished_any:
+            self._running = [r for r in running if r.blocks]
+        self._record(cost.seconds / k, batch, cost.arithmetic_intensity, k)
+        return JumpOutput(k, cost.seconds, outputs, batch * k, cost.arithmetic_intensity)
+
+    # -- observability ----------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        pool = self.pool
+        queried = self._prompt_tokens_queried
+        step_s = self._ewma_step_s
+        return EngineStats(
+            block_size=self.block_size,
+            num_blocks_total=self.num_blocks,
+            num_blocks_used=pool.num_used,
+            num_blocks_cached=pool.num_cached_unreferenced,
+            running=len(self._running),
+            waiting=len(self._waiting),
+            preemptions_total=self._preemptions,
+            step_ms=step_s * 1e3,
+            # Generated (output) tokens per second of engine time.
+            tokens_per_s=self._ewma_tokens / step_s if step_s > 0 else 0.0,
+            arithmetic_intensity=self._last_intensity,
+            prefix_hit_rate=self._prompt_tokens_hit / queried if queried else 0.0,
+            admitted_request_ids=tuple(r.request_id for r in (*self._running, *self._waiting)),
+        )
+
+    def take_kv_events(self) -> KvEventBatch:
+        return self.pool.take_events()

@@ -1,0 +1,56 @@
+"""The `kvgate` command: one entry point, a subcommand per process or tool."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from types import ModuleType
+
+from kvgate import __version__
+from kvgate.service import configure_logging
+
+# name -> (module with add_arguments/run, one-line help). vLLM is imported only when
+# `kvgate worker --engine vllm` runs, so every other command works without it.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "gateway": ("gateway.cli", "run the public Chat API gateway"),
+    "scheduler": ("scheduler.cli", "run a scheduler replica (placement, pins, telemetry ingest)"),
+    "worker": ("gpu_worker.cli", "run one GPU worker (simulated or vLLM engine)"),
+    "chat": ("gateway.chat_cli", "chat with the fleet through a gateway"),
+    "health": ("kvgate.health_cli", "check a kvgate service's gRPC health (exit 0 when SERVING)"),
+}
+
+
+def _module(path: str) -> ModuleType:
+    import importlib
+
+    return importlib.import_module(path)
+
+
+def build_parser(load: Callable[[str], ModuleType] = _module) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvgate",
+        description="kvgate: KV-cache-aware global scheduling of LLM chat on GPU fleets.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvgate {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_path, help_text) in SUBCOMMANDS.items():
+        module = load(module_path)
+        child = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(child)
+        child.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    result: int = args.run(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

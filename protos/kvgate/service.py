@@ -1,0 +1,156 @@
+"""Process lifecycle shared by every kvgate service: one place for start, signals and graceful stop.
+
+Each service owns a grpc.aio server with health and reflection, an optional
+Prometheus endpoint and background tasks. `run_until_signalled` is what the CLI
+calls; tests start and stop services in-process through the same methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+log = logging.getLogger(__name__)
+
+# Generous but bounded: a chat history of a long conversation fits, a runaway client does not.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Detect dead peers (a worker host gone without FIN) within ~30 s.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # Fail fast to the caller's retry logic instead of queueing on a dead address.
+    ("grpc.enable_retries", 0),
+]
+
+
+class GrpcHost:
+    """A grpc.aio server with health (per service and overall) and reflection."""
+
+    def __init__(self, listen: str, service_names: Iterable[str]) -> None:
+        self.listen = listen
+        self.service_names = list(service_names)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server
+        )
+        self.port = 0
+
+    async def start(self) -> None:
+        self.port = self.server.add_insecure_port(self.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.listen!r}: address in use or invalid")
+        await self.server.start()
+        await self.set_serving(True)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+    @property
+    def address(self) -> str:
+        host = self.listen.rsplit(":", 1)[0]
+        if host in ("0.0.0.0", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+
+def start_metrics_server(port: int | None) -> None:
+    if port is None or port < 0:
+        return
+    start_http_server(port)
+    log.info("Prometheus metrics on :%d/metrics", port)
+
+
+class BackgroundTasks:
+    """Named long-running tasks whose crash is logged, not swallowed."""
+
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(_log_task_death)
+        self._tasks.append(task)
+
+    async def join(self, timeout_s: float) -> None:
+        """Wait for the tasks to end on their own, then cancel what is left."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout_s)
+        await self.cancel_all()
+
+    async def cancel_all(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+
+def _log_task_death(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("background task %s died: %r", task.get_name(), exc, exc_info=exc)
+
+
+async def run_until_signalled(
+    name: str, start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]
+) -> None:
+    """Start a service, wait for SIGTERM/SIGINT, stop it gracefully (the service owns its grace)."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await start()
+    log.info("%s started", name)
+    await stop_requested.wait()
+    log.info("%s: shutdown requested, draining", name)
+    # A second signal during the drain forces an exit.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _force_exit)
+    await stop()
+    log.info("%s stopped", name)
+
+
+def _force_exit() -> None:
+    raise SystemExit(1)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for the kvgate.v1 API (see protos/generate.py)."""

@@ -1,0 +1,1 @@
+"""The global placement service: policy (pure), Redis commit, telemetry ingest."""

@@ -1,0 +1,25 @@
+"""Prometheus metrics of the scheduler."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+PLACEMENTS = Counter(
+    "kvgate_scheduler_placements_total",
+    "Placement decisions by outcome (new, pinned_hit, moved, shed) and tier",
+    ["outcome", "tier"],
+)
+PLACEMENT_SECONDS = Histogram(
+    "kvgate_scheduler_placement_seconds",
+    "Time inside the scheduler for one Place: policy plus atomic commit",
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+COMMIT_CONFLICTS = Counter(
+    "kvgate_scheduler_commit_conflicts_total",
+    "Candidates whose reservation failed at commit (raced or changed since the snapshot)",
+)
+TELEMETRY_MESSAGES = Counter(
+    "kvgate_scheduler_telemetry_messages_total", "Telemetry messages ingested", ["kind", "outcome"]
+)
+FLEET_KV_TOKENS = Gauge("kvgate_scheduler_fleet_kv_tokens", "Fleet KV tokens by state", ["state"])
+STALE_WORKERS = Gauge("kvgate_scheduler_stale_workers", "Workers whose telemetry is stale")

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+
+from tests.integration.containers import MosquittoServer, RedisServer
+from tests.integration.fleet import Fleet
+
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_server() -> Iterator[MosquittoServer]:
+    server = MosquittoServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def clean_redis(redis_server: RedisServer) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+async def fleet(clean_redis: str, mosquitto_server: MosquittoServer) -> AsyncIterator[Fleet]:
+    f = Fleet(redis_url=clean_redis, mqtt_url=mosquitto_server.url)
+    try:
+        yield f
+    finally:
+        await f.stop()

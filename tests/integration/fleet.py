@@ -1,0 +1,92 @@
+"""Start the three kvgate services in-process on loopback against real Redis and Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+from gateway.client import ChatClient
+from gateway.server import GatewayService, GatewaySettings
+from gpu_worker.server import WorkerService, WorkerSettings
+from scheduler.server import SchedulerService, SchedulerSettings
+from scheduler.store import StoreSettings
+
+
+@dataclass
+class Fleet:
+    redis_url: str
+    mqtt_url: str
+    workers: dict[str, WorkerService] = field(default_factory=dict)
+    scheduler: SchedulerService | None = None
+    gateway: GatewayService | None = None
+
+    async def add_worker(self, worker_id: str, region: str, **overrides: object) -> WorkerService:
+        settings = WorkerSettings(
+            worker_id=worker_id,
+            region=region,
+            listen="127.0.0.1:0",
+            mqtt_url=self.mqtt_url,
+            stats_interval_s=0.1,
+            mqtt_keepalive_s=2,
+            drain_grace_s=10,
+            **overrides,  # type: ignore[arg-type]
+        )
+        worker = WorkerService(settings)
+        await worker.start()
+        self.workers[worker_id] = worker
+        return worker
+
+    async def start_control_plane(self, **store_overrides: float) -> None:
+        self.scheduler = SchedulerService(
+            SchedulerSettings(
+                listen="127.0.0.1:0",
+                redis_url=self.redis_url,
+                mqtt_url=self.mqtt_url,
+                store=StoreSettings(**store_overrides),
+                fleet_cache_s=0.0,
+            )
+        )
+        await self.scheduler.start()
+        self.gateway = GatewayService(
+            GatewaySettings(
+                listen="127.0.0.1:0", scheduler=self.scheduler.address, redis_url=self.redis_url, grace_s=2.0
+            )
+        )
+        await self.gateway.start()
+
+    def client(self) -> ChatClient:
+        assert self.gateway is not None
+        return ChatClient(self.gateway.address)
+
+    async def fleet_status(self) -> scheduler_pb2.FleetStatusResponse:
+        assert self.scheduler is not None
+        async with grpc.aio.insecure_channel(self.scheduler.address) as channel:
+            return await scheduler_pb2_grpc.SchedulerStub(channel).FleetStatus(
+                scheduler_pb2.FleetStatusRequest(), timeout=5
+            )
+
+    async def wait_for_workers(self, expected: dict[str, str], timeout_s: float = 20.0) -> None:
+        """Wait until the scheduler sees each worker in the expected state (e.g. ready)."""
+        deadline = time.monotonic() + timeout_s
+        seen: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            status = await self.fleet_status()
+            seen = {w.worker_id: w.state for w in status.workers}
+            if all(seen.get(wid) == state for wid, state in expected.items()):
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(
+            f"workers not in the expected states within {timeout_s}s: want {expected}, saw {seen}"
+        )
+
+    async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        for worker in self.workers.values():
+            await worker.stop()

@@ -1,0 +1,79 @@
+"""The foundation path: gateway -> scheduler -> sim worker, over real Redis and Mosquitto."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from kvgate.v1 import chat_pb2, chat_pb2_grpc
+
+from tests.integration.fleet import Fleet
+
+
+async def test_two_turn_conversation_is_placed_by_free_kv_and_pinned(fleet: Fleet) -> None:
+    # The eu worker has twice the KV blocks: placement by free KV tokens must choose it.
+    await fleet.add_worker("us-1", "us-east", num_gpu_blocks=2000)
+    await fleet.add_worker("eu-1", "eu-west", num_gpu_blocks=4000)
+    await fleet.start_control_plane()
+    await fleet.wait_for_workers({"us-1": "ready", "eu-1": "ready"})
+
+    async with fleet.client() as client:
+        session = await client.create_session(system_prompt="You are a terse assistant.")
+        text1, done1, placement1 = await client.reply(
+            session.session_id, "Hello, who are you?", max_tokens=24
+        )
+        text2, done2, placement2 = await client.reply(session.session_id, "Tell me more.", max_tokens=16)
+
+        assert placement1.worker_id == "eu-1"
+        assert placement1.region == "eu-west"
+        assert placement1.engine == "sim"
+        assert not placement1.cache_hit
+        assert done1.usage.completion_tokens == 24 and text1.strip()
+        # Turn 2 lands on the worker holding the session's KV cache, and reuses it.
+        assert placement2.worker_id == "eu-1"
+        assert placement2.cache_hit
+        assert done2.usage.completion_tokens == 16 and text2.strip()
+        assert done2.usage.cached_tokens > 0
+        assert done2.usage.prompt_tokens > done1.usage.prompt_tokens
+        assert done1.usage.ttft_s > 0
+
+        stored = await client.get_session(session.session_id)
+        assert [t.user for t in stored.turns] == ["Hello, who are you?", "Tell me more."]
+        assert [t.assistant for t in stored.turns] == [text1, text2]
+        assert [t.worker_id for t in stored.turns] == ["eu-1", "eu-1"]
+        assert (done1.turn_index, done2.turn_index) == (0, 1)
+
+
+async def test_bad_input_names_the_field(fleet: Fleet) -> None:
+    await fleet.add_worker("us-1", "us-east")
+    await fleet.start_control_plane()
+    assert fleet.gateway is not None
+    async with grpc.aio.insecure_channel(fleet.gateway.address) as channel:
+        stub = chat_pb2_grpc.ChatStub(channel)
+        session = await stub.CreateSession(chat_pb2.CreateSessionRequest())
+
+        async def send_error(request: chat_pb2.SendRequest) -> grpc.aio.AioRpcError:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in stub.Send(request, timeout=10):
+                    pass
+            return info.value
+
+        empty = await send_error(chat_pb2.SendRequest(session_id=session.session_id, content="  \n "))
+        assert empty.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "content" in (empty.details() or "")
+
+        huge = await send_error(chat_pb2.SendRequest(session_id=session.session_id, content="x" * 40_000))
+        assert huge.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "content is 40000 bytes" in (huge.details() or "")
+
+        unknown = await send_error(chat_pb2.SendRequest(session_id="no-such-session", content="hi"))
+        assert unknown.code() == grpc.StatusCode.NOT_FOUND
+        assert "session_id" in (unknown.details() or "")
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.CreateSession(chat_pb2.CreateSessionRequest(model="gpt-17"))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "gpt-17" in (info.value.details() or "")
+
+        # Nothing was stored by the rejected turns.
+        stored = await stub.GetSession(chat_pb2.GetSessionRequest(session_id=session.session_id))
+        assert len(stored.turns) == 0

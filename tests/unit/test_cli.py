@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from kvgate.cli import SUBCOMMANDS, build_parser
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_every_subcommand_explains_every_option(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    sub = next(a for a in parser._subparsers._group_actions if a.dest == "command")  # type: ignore[union-attr]
+    for action in sub.choices[command]._actions:  # type: ignore[attr-defined]
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings} has no help text"
+            assert action.option_strings[-1] in out
+
+
+def test_chat_against_a_down_gateway_prints_one_clear_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvgate.cli", "chat", "--gateway", "127.0.0.1:1", "hello"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "127.0.0.1:1" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_worker_with_unknown_gpu_profile_fails_with_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvgate.cli", "worker", "--worker-id", "w", "--region", "r", "--gpu", "tpu9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "tpu9" in result.stderr and "Traceback" not in result.stderr
