@@ -65,7 +65,7 @@ step_end() { log "<== $STEP_NAME: done in $(since "$STEP_T0")s"; }
 
 # The legacy builder prints a deprecation banner on newer CLIs; it is just noise here.
 docker_build() {
-    docker build "$@" 2>&1 | grep -vE '^DEPRECATED: The legacy builder|^ +Install the buildx|^ +https://docs.docker.com/go/buildx|^$'
+    docker build "$@" 2>&1 | { grep -vE '^DEPRECATED: The legacy builder|^ +Install the buildx|^ +https://docs.docker.com/go/buildx|^$' || true; }
     return "${PIPESTATUS[0]}"
 }
 
@@ -201,15 +201,35 @@ EOF
     step_end
 }
 
-build_service_images() {
-    step_begin "service images $LOCAL_REDIS_IMAGE, $LOCAL_MOSQUITTO_IMAGE"
-    docker_build -q -f "$DEPLOY_DIR/redis.Dockerfile" --build-arg "BASE_IMAGE=$LOCAL_BASE_IMAGE" \
-        -t "$LOCAL_REDIS_IMAGE" "$DEPLOY_DIR" >/dev/null || die "docker build of $LOCAL_REDIS_IMAGE failed"
-    log "built $LOCAL_REDIS_IMAGE"
-    docker_build -q -f "$DEPLOY_DIR/mosquitto.Dockerfile" --build-arg "BASE_IMAGE=$LOCAL_BASE_IMAGE" \
-        -t "$LOCAL_MOSQUITTO_IMAGE" "$DEPLOY_DIR" >/dev/null || die "docker build of $LOCAL_MOSQUITTO_IMAGE failed"
-    log "built $LOCAL_MOSQUITTO_IMAGE"
-    step_end
+# redis/mosquitto images only depend on the base image and deploy/{redis,mosquitto}:
+# build them in the background, in parallel with the wheelhouse and app image.
+SERVICE_PIDS=()
+start_service_images() {
+    log "==> service images $LOCAL_REDIS_IMAGE, $LOCAL_MOSQUITTO_IMAGE (in background)"
+    SERVICE_T0=$(date +%s.%N)
+    local name image
+    for name in redis mosquitto; do
+        image="kvgate/$name:local"
+        docker_build -q -f "$DEPLOY_DIR/$name.Dockerfile" --build-arg "BASE_IMAGE=$LOCAL_BASE_IMAGE" \
+            -t "$image" "$DEPLOY_DIR" >"$BUILD_DIR/$name-image.log" 2>&1 &
+        SERVICE_PIDS+=("$name:$!")
+    done
+}
+
+wait_service_images() {
+    local entry name rc=0
+    for entry in "${SERVICE_PIDS[@]}"; do
+        name=${entry%%:*}
+        if wait "${entry#*:}"; then
+            log "built kvgate/$name:local"
+        else
+            cat "$BUILD_DIR/$name-image.log" >&2
+            log "ERROR: docker build of kvgate/$name:local failed (log: $BUILD_DIR/$name-image.log)" >&2
+            rc=1
+        fi
+    done
+    [ "$rc" -eq 0 ] || exit 1
+    log "<== service images: done in $(since "$SERVICE_T0")s (wall clock since start)"
 }
 
 build_wheelhouse() {
@@ -306,7 +326,7 @@ main() {
         REDIS_IMAGE=$LOCAL_REDIS_IMAGE
         MOSQUITTO_IMAGE=$LOCAL_MOSQUITTO_IMAGE
         build_base_image
-        build_service_images
+        start_service_images
     else
         BASE_IMAGE=$PUBLIC_BASE_IMAGE
         REDIS_IMAGE=$PUBLIC_REDIS_IMAGE
@@ -315,6 +335,9 @@ main() {
     fi
     build_wheelhouse
     build_app_image
+    if [ "$OFFLINE" = 1 ]; then
+        wait_service_images
+    fi
     write_env
     log "images:"
     local img

@@ -1,7 +1,7 @@
 # kvgate/mosquitto:local — offline stand-in for eclipse-mosquitto:2, built on the
 # debootstrap base kvgate/base:bookworm, which already contains Debian's mosquitto
 # + mosquitto-clients and a mosquitto-owned /mosquitto/{config,data,log} (made by
-# build-images.sh so that this build is COPY-only and takes about a second).
+# build-images.sh so that this build is COPY-only: no RUN steps).
 # Same config path, port and CMD as the public image, so compose can bind-mount
 # deploy/mosquitto/mosquitto.conf over the baked-in copy for either image.
 #   docker build -f deploy/mosquitto.Dockerfile --build-arg BASE_IMAGE=kvgate/base:bookworm deploy
