@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build the kvgate container images.
 #
-#   bash deploy/build-images.sh            # auto-detect registry access
+#   bash deploy/build-images.sh [all]      # auto-detect registry access, build everything
+#   bash deploy/build-images.sh base       # only the debootstrap base kvgate/base:bookworm
+#   bash deploy/build-images.sh wheelhouse # only deploy/.build/wheelhouse
 #   KVGATE_OFFLINE=1 bash deploy/build-images.sh   # force the offline path
 #   KVGATE_OFFLINE=0 bash deploy/build-images.sh   # force the public-image path
 #
@@ -317,20 +319,47 @@ write_env() {
 }
 
 # ---------------------------------------------------------------------------
-main() {
-    docker info >/dev/null 2>&1 || die "cannot talk to the docker daemon"
-    mkdir -p "$BUILD_DIR"
-    detect_mode
+select_images() {
     if [ "$OFFLINE" = 1 ]; then
         BASE_IMAGE=$LOCAL_BASE_IMAGE
         REDIS_IMAGE=$LOCAL_REDIS_IMAGE
         MOSQUITTO_IMAGE=$LOCAL_MOSQUITTO_IMAGE
-        build_base_image
-        start_service_images
     else
         BASE_IMAGE=$PUBLIC_BASE_IMAGE
         REDIS_IMAGE=$PUBLIC_REDIS_IMAGE
         MOSQUITTO_IMAGE=$PUBLIC_MOSQUITTO_IMAGE
+    fi
+}
+
+main() {
+    local what=${1:-all}
+    case "$what" in
+        all | base | wheelhouse) ;;
+        -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) die "usage: $0 [all|base|wheelhouse]" ;;
+    esac
+    docker info >/dev/null 2>&1 || die "cannot talk to the docker daemon"
+    mkdir -p "$BUILD_DIR"
+
+    if [ "$what" = base ]; then      # just the debootstrap base, whatever the registry says
+        build_base_image
+        log "done"
+        return
+    fi
+
+    detect_mode
+    select_images
+    if [ "$what" = wheelhouse ]; then  # needs the base image only to learn its python version
+        if [ "$OFFLINE" = 1 ]; then build_base_image; fi
+        build_wheelhouse
+        log "done"
+        return
+    fi
+
+    if [ "$OFFLINE" = 1 ]; then
+        build_base_image
+        start_service_images
+    else
         pull_public_images
     fi
     build_wheelhouse
@@ -344,7 +373,7 @@ main() {
     for img in "$APP_IMAGE" "$REDIS_IMAGE" "$MOSQUITTO_IMAGE" "$BASE_IMAGE"; do
         docker image ls "$img" --format '    {{.Repository}}:{{.Tag}}  {{.ID}}  {{.Size}}'
     done
-    log "done"
+    log "done (total $(since "$T_START")s)"
 }
 
 main "$@"

@@ -10,11 +10,11 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+
+from gateway.client import ChatClient
 from kvgate.v1 import chat_pb2
 
 T = TypeVar("T")
-
-from gateway.client import ChatClient
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

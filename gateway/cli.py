@@ -6,10 +6,9 @@ import argparse
 import asyncio
 import sys
 
-from kvgate.service import run_until_signalled
-
 from gateway.server import GatewayService, GatewaySettings
 from gateway.validation import Limits
+from kvgate.service import run_until_signalled
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 import grpc
+
 from kvgate.service import CHANNEL_OPTIONS
 from kvgate.v1 import chat_pb2, chat_pb2_grpc
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
-from kvgate.service import CHANNEL_OPTIONS
-from kvgate.v1 import chat_pb2, common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 
 from gateway.metrics import FAILOVERS
+from kvgate.service import CHANNEL_OPTIONS
+from kvgate.v1 import chat_pb2, common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:
     from kvgate.v1.scheduler_pb2_grpc import SchedulerAsyncStub

@@ -6,14 +6,14 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
-from kvgate.redis_conn import connect_redis
-from kvgate.service import CHANNEL_OPTIONS, GrpcHost, start_metrics_server
-from kvgate.v1 import chat_pb2, chat_pb2_grpc, scheduler_pb2_grpc
 
 from gateway.relay import TurnRunner, WorkerChannels
 from gateway.servicer import ChatServicer
 from gateway.sessions import SessionStore
 from gateway.validation import Limits
+from kvgate.redis_conn import connect_redis
+from kvgate.service import CHANNEL_OPTIONS, GrpcHost, start_metrics_server
+from kvgate.v1 import chat_pb2, chat_pb2_grpc, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ from typing import Any, NoReturn
 
 import grpc
 import redis.exceptions
-from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
 from gateway import prompt
 from gateway.metrics import TTFT_SECONDS, TURNS
 from gateway.relay import AtCapacity, PlacementUnavailable, TurnJob, TurnProgress, TurnRejected, TurnRunner
 from gateway.sessions import SessionStore, now_ms
 from gateway.validation import Limits, check_max_tokens, check_messages, check_text
+from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ import time
 import uuid
 
 import redis.asyncio as redis
+
 from kvgate.v1 import chat_pb2
 
 SESSIONS_BY_RECENCY = "kvgate:sessions"  # ZSET session id -> last update (ms)

@@ -6,10 +6,9 @@ import argparse
 import asyncio
 import sys
 
-from kvgate.service import run_until_signalled
-
 from gpu_worker.engine import EngineError
 from gpu_worker.server import WorkerService, WorkerSettings
+from kvgate.service import run_until_signalled
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

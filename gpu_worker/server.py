@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from kvgate.mqtt_url import MqttUrl
-from kvgate.service import BackgroundTasks, GrpcHost, start_metrics_server
-from kvgate.v1 import worker_pb2, worker_pb2_grpc
-
 from gpu_worker.engine import Engine, EngineError
 from gpu_worker.servicer import WorkerServicer
 from gpu_worker.telemetry import DRAINING, TelemetryPublisher, WorkerIdentity
+from kvgate.mqtt_url import MqttUrl
+from kvgate.service import BackgroundTasks, GrpcHost, start_metrics_server
+from kvgate.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from kvgate.v1 import worker_pb2, worker_pb2_grpc
 
 from gpu_worker.engine import ChatMessage, Engine, EngineChunk, EngineError, EngineRequest
 from gpu_worker.metrics import GENERATE_REQUESTS
+from kvgate.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 
 import aiomqtt
-from kvgate import topics
-from kvgate.mqtt_url import MqttUrl
-from kvgate.v1 import telemetry_pb2
 
 from gpu_worker import metrics
 from gpu_worker.engine import Engine
+from kvgate import topics
+from kvgate.mqtt_url import MqttUrl
+from kvgate.v1 import telemetry_pb2
 
 log = logging.getLogger(__name__)
 

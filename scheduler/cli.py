@@ -7,7 +7,6 @@ import asyncio
 import sys
 
 from kvgate.service import run_until_signalled
-
 from scheduler.server import SchedulerService, SchedulerSettings
 from scheduler.store import StoreSettings
 

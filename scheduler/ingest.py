@@ -10,10 +10,10 @@ import logging
 import aiomqtt
 import redis.exceptions
 from google.protobuf.message import DecodeError
+
 from kvgate import topics
 from kvgate.mqtt_url import MqttUrl
 from kvgate.v1 import telemetry_pb2
-
 from scheduler.metrics import TELEMETRY_MESSAGES
 from scheduler.store import FleetStore
 

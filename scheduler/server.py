@@ -8,11 +8,11 @@ import socket
 from dataclasses import dataclass, field
 
 import grpc
+
 from kvgate.mqtt_url import MqttUrl
 from kvgate.redis_conn import connect_redis
 from kvgate.service import CHANNEL_OPTIONS, BackgroundTasks, GrpcHost, start_metrics_server
 from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
-
 from scheduler.fleet_cache import FleetCache
 from scheduler.ingest import TelemetryIngest
 from scheduler.policy import KvgatePolicy

@@ -10,8 +10,8 @@ from typing import Any
 
 import grpc
 import redis.exceptions
-from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 
+from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler import metrics
 from scheduler.fleet_cache import FleetCache
 from scheduler.policy import KvgatePolicy, Placed, PlacementRequest, Shed, WorkerState

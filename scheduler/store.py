@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 import redis.asyncio as redis
-from kvgate.v1 import telemetry_pb2
 
+from kvgate.v1 import telemetry_pb2
 from scheduler import keys
 from scheduler.policy import FleetView, WorkerState, WorkerView
 
@@ -19,6 +19,10 @@ _LIFECYCLE_TO_STATE = {
     telemetry_pb2.WORKER_LIFECYCLE_DRAINING: WorkerState.DRAINING,
     telemetry_pb2.WORKER_LIFECYCLE_OFFLINE: WorkerState.OFFLINE,
 }
+
+
+# What redis-py accepts as a hash field or value.
+_RedisField = str | bytes | bytearray | memoryview | int | float
 
 
 def _lua(name: str) -> str:
@@ -71,7 +75,7 @@ class FleetStore:
     async def ingest_status(self, status: telemetry_pb2.WorkerStatus) -> None:
         state = _LIFECYCLE_TO_STATE.get(status.state, WorkerState.OFFLINE)
         info = keys.worker_info(status.worker_id)
-        mapping: dict[str | bytes | bytearray | memoryview | int | float, str | bytes | bytearray | memoryview | int | float] = {"state": state.value}
+        mapping: dict[_RedisField, _RedisField] = {"state": state.value}
         if state == WorkerState.READY:
             # A (re)started worker counts its telemetry from 1 again.
             mapping["seq"] = -1

@@ -7,11 +7,11 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from gateway.client import ChatClient
 from gateway.server import GatewayService, GatewaySettings
 from gpu_worker.server import WorkerService, WorkerSettings
+from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler.server import SchedulerService, SchedulerSettings
 from scheduler.store import StoreSettings
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from kvgate.v1 import chat_pb2, chat_pb2_grpc
 
+from kvgate.v1 import chat_pb2, chat_pb2_grpc
 from tests.integration.fleet import Fleet
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+
 from kvgate.cli import SUBCOMMANDS, build_parser
 
 

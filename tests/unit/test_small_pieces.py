@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import pytest
-from kvgate import topics
-from kvgate.mqtt_url import MqttUrl
 
 from gateway.validation import Limits, check_max_tokens, check_text
+from kvgate import topics
+from kvgate.mqtt_url import MqttUrl
 
 
 def test_mqtt_url_parses_credentials_and_redacts_them() -> None:
