@@ -254,9 +254,10 @@ build_wheelhouse() {
     work=$(mktemp -d "${TMPDIR:-/tmp}/kvgate-wheel.XXXXXX")
     TMP_DIRS+=("$work")
     snap="$work/src"
-    out="$BUILD_DIR/wheelhouse.new"
+    out=$(mktemp -d "$BUILD_DIR/wheelhouse.new.XXXXXX")   # unique: concurrent runs don't collide
+    TMP_DIRS+=("$out")
+    chmod 0755 "$out"
     mkdir -p "$snap"
-    rm -rf "$out"
     tar -C "$REPO_ROOT" \
         --exclude=./.git --exclude=./.venv --exclude=./deploy --exclude=./tests --exclude=./.ci \
         --exclude=./build --exclude=./dist --exclude='*.egg-info' --exclude=__pycache__ \

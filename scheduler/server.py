@@ -71,7 +71,7 @@ class SchedulerService:
         self._tasks.spawn("telemetry-ingest", self.ingest.run())
         await self.host.start()
         start_metrics_server(self.settings.metrics_port)
-        log.info("scheduler serving on %s", self.address)
+        log.info("scheduler serving on %s (listen %s)", self.address, self.settings.listen)
 
     async def stop(self) -> None:
         await self.host.stop(self.settings.grace_s)
