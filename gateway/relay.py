@@ -118,6 +118,8 @@ class TurnRunner:
                     messages=job.messages,
                     max_tokens=job.max_tokens - progress.completion_tokens,
                     assistant_prefix=progress.text,
+                    # Sampling seed per attempt: sim workers derive their synthetic text from it.
+                    seed=int(request_id[:15], 16),
                 ),
                 timeout=_remaining(job.deadline),
             )

@@ -75,11 +75,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         decision = self._policy.place(placement, fleet)
         if isinstance(decision, Placed):
             for worker_id in decision.candidates:
+                # Count the tokens locally before awaiting the commit, so concurrent placements
+                # in this replica already see them (a burst spreads instead of piling up).
+                self._fleet.note_reserved(worker_id, placement.tokens_needed)
                 result = await self._store.reserve(worker_id, request.request_id, placement.tokens_needed)
                 if result.status != ReserveStatus.RESERVED:
+                    self._fleet.note_reserved(worker_id, -placement.tokens_needed)
                     metrics.COMMIT_CONFLICTS.inc()
                     continue
-                self._fleet.note_reserved(worker_id, placement.tokens_needed)
                 if request.session_id:
                     await self._store.set_pin(request.session_id, worker_id)
                 worker = fleet.workers[worker_id]

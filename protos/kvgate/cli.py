@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("gpu_worker.cli", "run one GPU worker (simulated or vLLM engine)"),
     "chat": ("gateway.chat_cli", "chat with the fleet through a gateway"),
     "engine-profile": ("gpu_worker.engine_profile_cli", "KV capacity and roofline step times of a GPU/model"),
+    "bench": ("kvgate.bench_cli", "benchmarks (engine, ...)"),
     "health": ("kvgate.health_cli", "check a kvgate service's gRPC health (exit 0 when SERVING)"),
 }
 

@@ -21,7 +21,7 @@ class Fleet:
     redis_url: str
     mqtt_url: str
     workers: dict[str, WorkerService] = field(default_factory=dict)
-    scheduler: SchedulerService | None = None
+    schedulers: list[SchedulerService] = field(default_factory=list)
     gateway: GatewayService | None = None
 
     async def add_worker(self, worker_id: str, region: str, **overrides: object) -> WorkerService:
@@ -40,17 +40,21 @@ class Fleet:
         self.workers[worker_id] = worker
         return worker
 
-    async def start_control_plane(self, **store_overrides: float) -> None:
-        self.scheduler = SchedulerService(
+    async def start_scheduler(self, **store_overrides: float) -> SchedulerService:
+        scheduler = SchedulerService(
             SchedulerSettings(
                 listen="127.0.0.1:0",
                 redis_url=self.redis_url,
                 mqtt_url=self.mqtt_url,
                 store=StoreSettings(**store_overrides),
-                fleet_cache_s=0.0,
             )
         )
-        await self.scheduler.start()
+        await scheduler.start()
+        self.schedulers.append(scheduler)
+        return scheduler
+
+    async def start_control_plane(self, **store_overrides: float) -> None:
+        await self.start_scheduler(**store_overrides)
         self.gateway = GatewayService(
             GatewaySettings(
                 listen="127.0.0.1:0", scheduler=self.scheduler.address, redis_url=self.redis_url, grace_s=2.0
@@ -58,12 +62,15 @@ class Fleet:
         )
         await self.gateway.start()
 
+    @property
+    def scheduler(self) -> SchedulerService:
+        return self.schedulers[0]
+
     def client(self) -> ChatClient:
         assert self.gateway is not None
         return ChatClient(self.gateway.address)
 
     async def fleet_status(self) -> scheduler_pb2.FleetStatusResponse:
-        assert self.scheduler is not None
         async with grpc.aio.insecure_channel(self.scheduler.address) as channel:
             return await scheduler_pb2_grpc.SchedulerStub(channel).FleetStatus(
                 scheduler_pb2.FleetStatusRequest(), timeout=5
@@ -86,7 +93,7 @@ class Fleet:
     async def stop(self) -> None:
         if self.gateway is not None:
             await self.gateway.stop()
-        if self.scheduler is not None:
-            await self.scheduler.stop()
+        for scheduler in self.schedulers:
+            await scheduler.stop()
         for worker in self.workers.values():
             await worker.stop()

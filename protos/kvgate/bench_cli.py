@@ -1,0 +1,23 @@
+"""`kvgate bench ...`: benchmarks of kvgate's parts, each reporting ratios measured in one run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "engine": ("gpu_worker.bench", "simulated engine cost: steps per CPU second, jump speed-up"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for name, (module_path, help_text) in BENCHMARKS.items():
+        module = importlib.import_module(module_path)
+        child = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(child)
+        child.set_defaults(run=module.run)
+
+
+def run(args: argparse.Namespace) -> int:
+    raise AssertionError("dispatched to the benchmark's own run()")
