@@ -18,7 +18,7 @@ import aiomqtt
 from gpu_worker import metrics
 from gpu_worker.engine import Engine
 from kvgate import topics
-from kvgate.mqtt_url import MqttUrl
+from kvgate.mqtt_url import Backoff, MqttUrl
 from kvgate.v1 import telemetry_pb2
 
 log = logging.getLogger(__name__)
@@ -122,19 +122,15 @@ class TelemetryPublisher:
     async def run(self) -> None:
         """Publish until stop(); reconnect with capped exponential backoff when the broker is away."""
         status_topic = topics.topic(self._id.worker_id, topics.STATUS)
-        backoff_s = 0.5
+        backoff = Backoff()
         while not self._stopping:
             try:
-                async with aiomqtt.Client(
-                    hostname=self._broker.host,
-                    port=self._broker.port,
-                    username=self._broker.username,
-                    password=self._broker.password,
-                    identifier=f"kvgate-worker-{self._id.worker_id}",
-                    keepalive=self._keepalive_s,
+                async with self._broker.client(
+                    f"kvgate-worker-{self._id.worker_id}",
+                    self._keepalive_s,
                     will=aiomqtt.Will(status_topic, self._status_payload(OFFLINE), qos=1, retain=True),
                 ) as client:
-                    backoff_s = 0.5
+                    backoff.reset()
                     log.info("telemetry connected to %s", self._broker.redacted())
                     self.connected.set()
                     await self._publish_loop(client, status_topic)
@@ -143,15 +139,15 @@ class TelemetryPublisher:
                     break
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
+                delay = backoff.next()
                 log.warning(
                     "telemetry: broker %s unavailable (%s); retry in %.1fs",
                     self._broker.redacted(),
                     exc,
-                    backoff_s,
+                    delay,
                 )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopped.wait(), backoff_s)
-                backoff_s = min(backoff_s * 2, 10.0)
+                    await asyncio.wait_for(self._stopped.wait(), delay)
         self.connected.clear()
 
     async def _publish_loop(self, client: aiomqtt.Client, status_topic: str) -> None:

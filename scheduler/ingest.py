@@ -12,7 +12,7 @@ import redis.exceptions
 from google.protobuf.message import DecodeError
 
 from kvgate import topics
-from kvgate.mqtt_url import MqttUrl
+from kvgate.mqtt_url import Backoff, MqttUrl
 from kvgate.v1 import telemetry_pb2
 from scheduler.metrics import TELEMETRY_MESSAGES
 from scheduler.store import FleetStore
@@ -28,34 +28,27 @@ class TelemetryIngest:
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
-        backoff_s = 0.5
+        backoff = Backoff()
         while True:
             try:
-                async with aiomqtt.Client(
-                    hostname=self._broker.host,
-                    port=self._broker.port,
-                    username=self._broker.username,
-                    password=self._broker.password,
-                    identifier=self._client_id,
-                    keepalive=10,
-                ) as client:
+                async with self._broker.client(self._client_id, keepalive_s=10) as client:
                     for subscription in topics.SUBSCRIPTIONS:
                         await client.subscribe(subscription, qos=1)
-                    backoff_s = 0.5
+                    backoff.reset()
                     self.connected.set()
                     log.info("ingesting telemetry from %s", self._broker.redacted())
                     async for message in client.messages:
                         await self._handle(str(message.topic), message.payload)
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
+                delay = backoff.next()
                 log.warning(
                     "telemetry ingest: broker %s unavailable (%s); retry in %.1fs",
                     self._broker.redacted(),
                     exc,
-                    backoff_s,
+                    delay,
                 )
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 10.0)
+                await asyncio.sleep(delay)
 
     async def _handle(self, topic: str, payload: object) -> None:
         parsed = topics.parse(topic)

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Self
 
 from testcontainers.core.container import DockerContainer
 
@@ -38,19 +39,18 @@ def _wait_for_port(host: str, port: int, what: str, timeout_s: float = 30.0) -> 
     raise TimeoutError(f"{what} did not accept connections on {host}:{port} within {timeout_s}s")
 
 
-class RedisServer:
-    def __init__(self) -> None:
-        self.container = (
-            DockerContainer(redis_image())
-            .with_command(
-                "redis-server --port 6379 --bind 0.0.0.0 --protected-mode no --appendonly yes --save ''"
-            )
-            .with_exposed_ports(6379)
-        )
+class _Server:
+    """One container serving one TCP port, reachable from the host."""
 
-    def start(self) -> RedisServer:
+    port_inside: int
+    what: str
+
+    def __init__(self, container: DockerContainer) -> None:
+        self.container = container.with_exposed_ports(self.port_inside)
+
+    def start(self) -> Self:
         self.container.start()
-        _wait_for_port(self.host, self.port, "redis")
+        _wait_for_port(self.host, self.port, self.what)
         return self
 
     @property
@@ -59,41 +59,39 @@ class RedisServer:
 
     @property
     def port(self) -> int:
-        return int(self.container.get_exposed_port(6379))
+        return int(self.container.get_exposed_port(self.port_inside))
+
+    def stop(self) -> None:
+        self.container.stop()
+
+
+class RedisServer(_Server):
+    port_inside = 6379
+    what = "redis"
+
+    def __init__(self) -> None:
+        super().__init__(
+            DockerContainer(redis_image()).with_command(
+                "redis-server --port 6379 --bind 0.0.0.0 --protected-mode no --appendonly yes --save ''"
+            )
+        )
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    def stop(self) -> None:
-        self.container.stop()
 
+class MosquittoServer(_Server):
+    port_inside = 1883
+    what = "mosquitto"
 
-class MosquittoServer:
     def __init__(self) -> None:
-        self.container = (
+        super().__init__(
             DockerContainer(mosquitto_image())
             .with_volume_mapping(str(MOSQUITTO_CONF), "/kvgate/mosquitto.conf", "ro")
             .with_command("mosquitto -c /kvgate/mosquitto.conf")
-            .with_exposed_ports(1883)
         )
-
-    def start(self) -> MosquittoServer:
-        self.container.start()
-        _wait_for_port(self.host, self.port, "mosquitto")
-        return self
-
-    @property
-    def host(self) -> str:
-        return self.container.get_container_host_ip()
-
-    @property
-    def port(self) -> int:
-        return int(self.container.get_exposed_port(1883))
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
-
-    def stop(self) -> None:
-        self.container.stop()

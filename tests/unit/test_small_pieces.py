@@ -4,7 +4,7 @@ import pytest
 
 from gateway.validation import Limits, check_max_tokens, check_text
 from kvgate import topics
-from kvgate.mqtt_url import MqttUrl
+from kvgate.mqtt_url import Backoff, MqttUrl
 
 
 def test_mqtt_url_parses_credentials_and_redacts_them() -> None:
@@ -33,3 +33,10 @@ def test_text_checks_name_the_field() -> None:
     assert "control character (U+0007)" in check_text("content", "bell\x07", 100)
     assert "not valid UTF-8" in check_text("content", "bad\udc80", 100)
     assert check_max_tokens(5000, Limits()) == "max_tokens is 5000; the limit is 4096"
+
+
+def test_reconnect_backoff_doubles_up_to_its_cap_and_resets() -> None:
+    backoff = Backoff(first_s=0.5, cap_s=3.0)
+    assert [backoff.next() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    backoff.reset()
+    assert backoff.next() == 0.5
