@@ -72,3 +72,18 @@ async def test_stream_resumes_on_another_worker_when_its_worker_dies_mid_answer(
         # The client saw exactly the stored answer: nothing repeated, nothing missing.
         assert stored.turns[0].assistant == "".join(parts)
         assert stored.turns[0].worker_id == "second"
+
+
+async def test_worker_whose_telemetry_stops_turns_stale_then_gets_no_placements(fleet: Fleet) -> None:
+    big = await fleet.add_worker("silent", "us-east", num_gpu_blocks=8000)
+    await fleet.add_worker("chatty", "eu-west", num_gpu_blocks=1000)
+    await fleet.start_control_plane(stale_after_s=0.5, dead_after_s=2.0)
+    await fleet.wait_for_workers({"silent": "ready", "chatty": "ready"})
+    # Telemetry stops without an OFFLINE status (a partition, not a crash): age decides.
+    await big._tasks.cancel_all()
+    await fleet.wait_for_workers({"silent": "stale"}, timeout_s=5)
+    await fleet.wait_for_workers({"silent": "offline"}, timeout_s=5)
+    async with fleet.client() as client:
+        session = await client.create_session()
+        _, _, placement = await client.reply(session.session_id, "anyone there?", max_tokens=4)
+        assert placement.worker_id == "chatty"
