@@ -17,7 +17,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         child = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(child)
         child.set_defaults(run=module.run)
-
-
-def run(args: argparse.Namespace) -> int:
-    raise AssertionError("dispatched to the benchmark's own run()")

@@ -43,7 +43,8 @@ def build_parser(load: Callable[[str], ModuleType] = _module) -> argparse.Argume
         module = load(module_path)
         child = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(child)
-        child.set_defaults(run=module.run)
+        if hasattr(module, "run"):  # a command group (bench) lets its subcommands set run
+            child.set_defaults(run=module.run)
     return parser
 
 

@@ -62,6 +62,15 @@ class Fleet:
         )
         await self.gateway.start()
 
+    async def start(
+        self, workers: dict[str, tuple[str, int]], *, time_scale: float = 1.0, **store_overrides: float
+    ) -> None:
+        """Workers {id: (region, KV blocks)}, a scheduler and a gateway; returns once all are ready."""
+        for worker_id, (region, blocks) in workers.items():
+            await self.add_worker(worker_id, region, num_gpu_blocks=blocks, time_scale=time_scale)
+        await self.start_control_plane(**store_overrides)
+        await self.wait_for_workers(dict.fromkeys(workers, "ready"))
+
     @property
     def scheduler(self) -> SchedulerService:
         return self.schedulers[0]

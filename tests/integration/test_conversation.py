@@ -11,10 +11,7 @@ from tests.integration.fleet import Fleet
 
 async def test_two_turn_conversation_is_placed_by_free_kv_and_pinned(fleet: Fleet) -> None:
     # The eu worker has twice the KV blocks: placement by free KV tokens must choose it.
-    await fleet.add_worker("us-1", "us-east", num_gpu_blocks=2000)
-    await fleet.add_worker("eu-1", "eu-west", num_gpu_blocks=4000)
-    await fleet.start_control_plane()
-    await fleet.wait_for_workers({"us-1": "ready", "eu-1": "ready"})
+    await fleet.start({"us-1": ("us-east", 2000), "eu-1": ("eu-west", 4000)})
 
     async with fleet.client() as client:
         session = await client.create_session(system_prompt="You are a terse assistant.")

@@ -11,10 +11,7 @@ from tests.integration.fleet import Fleet
 
 
 async def test_session_moves_when_its_pinned_worker_goes_offline(fleet: Fleet) -> None:
-    await fleet.add_worker("a", "us-east", num_gpu_blocks=4000)
-    await fleet.add_worker("b", "eu-west", num_gpu_blocks=2000)
-    await fleet.start_control_plane()
-    await fleet.wait_for_workers({"a": "ready", "b": "ready"})
+    await fleet.start({"a": ("us-east", 4000), "b": ("eu-west", 2000)})
     async with fleet.client() as client:
         session = await client.create_session()
         _, _, first = await client.reply(session.session_id, "hello", max_tokens=8)
@@ -27,10 +24,7 @@ async def test_session_moves_when_its_pinned_worker_goes_offline(fleet: Fleet) -
 
 
 async def test_drained_worker_gets_no_new_sessions(fleet: Fleet) -> None:
-    await fleet.add_worker("big", "us-east", num_gpu_blocks=8000)
-    await fleet.add_worker("small", "eu-west", num_gpu_blocks=1000)
-    await fleet.start_control_plane()
-    await fleet.wait_for_workers({"big": "ready", "small": "ready"})
+    await fleet.start({"big": ("us-east", 8000), "small": ("eu-west", 1000)})
     async with grpc.aio.insecure_channel(fleet.scheduler.address) as channel:
         response = await scheduler_pb2_grpc.SchedulerStub(channel).DrainWorker(
             scheduler_pb2.DrainWorkerRequest(worker_id="big")
@@ -46,10 +40,7 @@ async def test_drained_worker_gets_no_new_sessions(fleet: Fleet) -> None:
 
 async def test_stream_resumes_on_another_worker_when_its_worker_dies_mid_answer(fleet: Fleet) -> None:
     # Slowed down 20x so the kill lands mid-answer.
-    await fleet.add_worker("first", "us-east", num_gpu_blocks=4000, time_scale=20.0)
-    await fleet.add_worker("second", "eu-west", num_gpu_blocks=2000, time_scale=20.0)
-    await fleet.start_control_plane()
-    await fleet.wait_for_workers({"first": "ready", "second": "ready"})
+    await fleet.start({"first": ("us-east", 4000), "second": ("eu-west", 2000)}, time_scale=20.0)
     async with fleet.client() as client:
         session = await client.create_session()
         parts: list[str] = []
@@ -75,10 +66,10 @@ async def test_stream_resumes_on_another_worker_when_its_worker_dies_mid_answer(
 
 
 async def test_worker_whose_telemetry_stops_turns_stale_then_gets_no_placements(fleet: Fleet) -> None:
-    big = await fleet.add_worker("silent", "us-east", num_gpu_blocks=8000)
-    await fleet.add_worker("chatty", "eu-west", num_gpu_blocks=1000)
-    await fleet.start_control_plane(stale_after_s=0.5, dead_after_s=2.0)
-    await fleet.wait_for_workers({"silent": "ready", "chatty": "ready"})
+    await fleet.start(
+        {"silent": ("us-east", 8000), "chatty": ("eu-west", 1000)}, stale_after_s=0.5, dead_after_s=2.0
+    )
+    big = fleet.workers["silent"]
     # Telemetry stops without an OFFLINE status (a partition, not a crash): age decides.
     await big._tasks.cancel_all()
     await fleet.wait_for_workers({"silent": "stale"}, timeout_s=5)
