@@ -8,6 +8,7 @@ PYTHON ?= python3
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 PROJECT ?= kvgate
 IMAGES_ENV := deploy/.build/images.env
+DEMO_KEY := deploy/.build/demo-api-key
 # Loads the image names that `make images` chose (local or public) into a recipe's environment.
 WITH_IMAGES := set -a && . $(IMAGES_ENV) && set +a && export TESTCONTAINERS_RYUK_DISABLED=true &&
 
@@ -65,7 +66,13 @@ test-vllm: venv ## vLLM contract tests (needs `pip install -e '.[vllm]'` and a G
 .PHONY: up
 up: venv images ## build images, start the compose fleet and stream a sample conversation
 	$(WITH_IMAGES) $(COMPOSE) -p $(PROJECT) -f deploy/compose.yaml up -d
-	$(VENV)/bin/kvgate chat --gateway localhost:$${KVGATE_GATEWAY_PORT:-50050} --wait 120 --demo
+	@# The gateway requires API keys: mint a demo key (plus tier) once it is running.
+	@$(WITH_IMAGES) for i in $$(seq 60); do \
+	  $(COMPOSE) -p $(PROJECT) -f deploy/compose.yaml exec -T gateway \
+	    kvgate keys create --tenant demo --tier plus --label make-up > $(DEMO_KEY) 2>/dev/null && break; \
+	  sleep 1; done; test -s $(DEMO_KEY) || { echo "could not create a demo API key" >&2; exit 1; }
+	@echo "demo API key in $(DEMO_KEY): export KVGATE_API_KEY=\$$(cat $(DEMO_KEY))"
+	KVGATE_API_KEY=$$(cat $(DEMO_KEY)) $(VENV)/bin/kvgate chat --gateway localhost:$${KVGATE_GATEWAY_PORT:-50050} --wait 120 --demo
 
 .PHONY: down
 down: ## stop the compose fleet and remove its containers and volumes

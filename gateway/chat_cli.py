@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--system", default="", help="system prompt for a new session")
     parser.add_argument("--max-tokens", type=int, default=0, help="reply length limit (default: gateway's)")
-    parser.add_argument("--api-key", default="", help="API key (sent as 'authorization: Bearer ...')")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("KVGATE_API_KEY", ""),
+        help="API key, sent as 'authorization: Bearer ...' (default: $KVGATE_API_KEY;"
+        " see `kvgate keys create`)",
+    )
     parser.add_argument(
         "--wait",
         type=float,

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import sys
 
+from gateway.auth import AuthMode
+from gateway.buckets import DEFAULT_LIMITS, TierLimits, parse_limits
 from gateway.server import GatewayService, GatewaySettings
 from gateway.validation import Limits
 from kvgate.service import run_until_signalled
@@ -59,6 +61,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds in-flight turns get to finish on SIGTERM (default: %(default)s)",
     )
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: off)")
+    parser.add_argument(
+        "--auth",
+        choices=[m.value for m in AuthMode],
+        default=AuthMode.REQUIRED.value,
+        help="'required': every call needs 'authorization: Bearer <key>' (keys from `kvgate keys create`);"
+        " 'off': no keys, every caller is tenant 'anonymous' on the free tier (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        choices=["on", "off"],
+        default="on",
+        help="per-tenant request and token rate limits (default: %(default)s)",
+    )
+    for tier, limits in DEFAULT_LIMITS.items():
+        parser.add_argument(
+            f"--limits-{tier}",
+            default="",
+            metavar="rps=N,burst=N,tpm=N",
+            help=f"{tier} tier limits: requests per second, request burst, tokens per minute"
+            f" (any subset; default: rps={_num(limits.requests_per_s)},burst={_num(limits.request_burst)},"
+            f"tpm={_num(limits.tokens_per_min)})",
+        )
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +94,13 @@ def run(args: argparse.Namespace) -> int:
     if not models:
         print("kvgate gateway: --models must name at least one model", file=sys.stderr)
         return 2
+    rate_limits: dict[str, TierLimits] = {}
+    for tier, base in DEFAULT_LIMITS.items():
+        try:
+            rate_limits[tier] = parse_limits(getattr(args, f"limits_{tier}"), base)
+        except ValueError as exc:
+            print(f"kvgate gateway: --limits-{tier}: {exc}", file=sys.stderr)
+            return 2
     settings = GatewaySettings(
         listen=args.listen,
         scheduler=args.scheduler,
@@ -79,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         ),
         metrics_port=args.metrics_port,
         grace_s=args.grace,
+        auth=AuthMode(args.auth),
+        rate_limits=rate_limits if args.rate_limit == "on" else None,
     )
 
     async def main() -> None:

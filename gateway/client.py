@@ -53,6 +53,13 @@ class ChatClient:
         )
         return bool(response.deleted)
 
+    async def list_sessions(self, limit: int = 0, timeout: float = 10) -> list[chat_pb2.Session]:
+        """The caller's tenant's sessions, most recently updated first (without their turns)."""
+        response = await self._stub.ListSessions(
+            chat_pb2.ListSessionsRequest(limit=limit), metadata=self._metadata, timeout=timeout
+        )
+        return list(response.sessions)
+
     async def send(
         self, session_id: str, content: str, max_tokens: int = 0, timeout: float | None = 120
     ) -> AsyncIterator[chat_pb2.SendEvent]:

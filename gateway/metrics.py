@@ -13,3 +13,16 @@ TTFT_SECONDS = Histogram(
 FAILOVERS = Counter(
     "kvgate_gateway_failovers_total", "Turns moved to another worker mid-request", ["after_first_token"]
 )
+AUTH_FAILURES = Counter(
+    "kvgate_gateway_auth_failures_total",
+    "Rejected API keys by reason (missing, malformed, unknown, revoked)",
+    ["reason"],
+)
+RATE_LIMITED = Counter(
+    "kvgate_gateway_rate_limited_total",
+    "Calls refused by a tenant's rate limit, by tier and bucket",
+    ["tier", "bucket"],
+)
+QUARANTINED_TURNS = Counter(
+    "kvgate_gateway_quarantined_turns_total", "Turns of quarantined keys answered by the canned responder"
+)

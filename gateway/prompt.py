@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from gpu_worker.engine import ChatMessage
+from gpu_worker.sim import SimTokenizer
+from gpu_worker.sim.block_pool import block_hashes
+from gpu_worker.sim.tokenizer import render_chat
 from kvgate.v1 import chat_pb2, common_pb2
 
 # Placement only needs a size estimate to reserve KV; the worker tokenizes exactly.
@@ -25,3 +29,20 @@ def conversation(session: chat_pb2.Session, user_content: str) -> list[common_pb
 
 def estimate_tokens(messages: Iterable[common_pb2.Message]) -> int:
     return sum(TOKENS_PER_MESSAGE_OVERHEAD + -(-len(m.content) // CHARS_PER_TOKEN) for m in messages)
+
+
+# vLLM's default KV block size; prefix hashes only match workers using the same size.
+KV_BLOCK_SIZE = 16
+_tokenizer = SimTokenizer()
+
+
+def prompt_block_hashes(messages: Sequence[common_pb2.Message], block_size: int = KV_BLOCK_SIZE) -> list[int]:
+    """Chained hashes of the prompt's full KV blocks, computed the way the workers' engines do,
+    so the scheduler can look up which worker already caches the longest prefix.
+
+    Exact for sim workers (same chat template, tokenizer and hash). vLLM workers hash their own
+    tokenizer's ids, so for them this needs the model's tokenizer (not wired yet): the lookup then
+    simply finds no prefix and placement falls back to free KV capacity.
+    """
+    rendered = render_chat([ChatMessage(m.role, m.content) for m in messages])
+    return block_hashes(_tokenizer.encode(rendered), block_size)

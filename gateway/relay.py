@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from gateway import prompt
+from gateway.coalesce import coalesced
 from gateway.metrics import FAILOVERS
 from kvgate.service import CHANNEL_OPTIONS
 from kvgate.v1 import chat_pb2, common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
@@ -32,6 +34,12 @@ RETRYABLE_WORKER_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
      grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 )  # fmt: skip
+
+
+# A few ms of coalescing is invisible to a reader (tokens arrive every ~10-50 ms per stream)
+# but turns a burst of per-step messages into one.
+DEFAULT_COALESCE_MS = 15.0
+DEFAULT_COALESCE_CHARS = 512
 
 
 class AtCapacity(Exception):
@@ -99,18 +107,28 @@ class WorkerChannels:
 
 
 class TurnRunner:
-    def __init__(self, scheduler: SchedulerAsyncStub, workers: WorkerChannels, max_attempts: int = 4) -> None:
+    def __init__(
+        self,
+        scheduler: SchedulerAsyncStub,
+        workers: WorkerChannels,
+        max_attempts: int = 4,
+        coalesce_ms: float = DEFAULT_COALESCE_MS,
+        coalesce_chars: int = DEFAULT_COALESCE_CHARS,
+    ) -> None:
         self._scheduler = scheduler
         self._workers = workers
         self._max_attempts = max_attempts
+        self._coalesce_s = coalesce_ms / 1000
+        self._coalesce_chars = coalesce_chars
         self._background: set[asyncio.Task[None]] = set()
 
     async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]:
         excluded: list[str] = []
         placement_sent = False
+        block_hashes = prompt.prompt_block_hashes(job.messages)
         for _attempt in range(self._max_attempts):
             request_id = uuid.uuid4().hex
-            placed = await self._place(job, request_id, progress, excluded)
+            placed = await self._place(job, request_id, progress, excluded, block_hashes)
             call = self._workers.stub(placed.address).Generate(
                 worker_pb2.GenerateRequest(
                     request_id=request_id,
@@ -124,29 +142,33 @@ class TurnRunner:
                 timeout=_remaining(job.deadline),
             )
             try:
-                async for chunk in call:
-                    if not placement_sent:
-                        placement_sent = True
-                        yield chat_pb2.SendEvent(
-                            placement=chat_pb2.Placement(
-                                worker_id=placed.worker_id,
-                                region=placed.region,
-                                cache_hit=placed.outcome == scheduler_pb2.PLACE_OUTCOME_PINNED_HIT,
-                                engine=placed.engine,
+                async with contextlib.aclosing(
+                    coalesced(_chunks(call), self._coalesce_s, self._coalesce_chars)
+                ) as batches:
+                    async for batch in batches:
+                        if not placement_sent:
+                            placement_sent = True
+                            yield chat_pb2.SendEvent(
+                                placement=chat_pb2.Placement(
+                                    worker_id=placed.worker_id,
+                                    region=placed.region,
+                                    cache_hit=placed.outcome == scheduler_pb2.PLACE_OUTCOME_PINNED_HIT,
+                                    engine=placed.engine,
+                                )
                             )
-                        )
-                    if not progress.prompt_tokens:
-                        progress.prompt_tokens = chunk.prompt_tokens
-                        progress.cached_tokens = chunk.cached_tokens
-                    if chunk.text:
-                        if progress.first_token_at is None:
-                            progress.first_token_at = time.monotonic()
-                        progress.parts.append(chunk.text)
-                        yield chat_pb2.SendEvent(delta=chat_pb2.TextDelta(text=chunk.text))
-                    progress.completion_tokens += chunk.num_tokens
-                    if chunk.finished:
-                        progress.finish_reason = chunk.finish_reason or "stop"
-                        return
+                        if not progress.prompt_tokens:
+                            progress.prompt_tokens = batch[0].prompt_tokens
+                            progress.cached_tokens = batch[0].cached_tokens
+                        text = "".join(chunk.text for chunk in batch)
+                        if text:
+                            if progress.first_token_at is None:
+                                progress.first_token_at = time.monotonic()
+                            progress.parts.append(text)
+                            yield chat_pb2.SendEvent(delta=chat_pb2.TextDelta(text=text))
+                        progress.completion_tokens += sum(chunk.num_tokens for chunk in batch)
+                        if batch[-1].finished:
+                            progress.finish_reason = batch[-1].finish_reason or "stop"
+                            return
                 # The stream closed without a final chunk: the worker went away.
                 log.warning("worker %s ended the stream early", placed.worker_id)
             except grpc.aio.AioRpcError as exc:
@@ -169,7 +191,12 @@ class TurnRunner:
         raise PlacementUnavailable(f"no worker could finish the turn after {self._max_attempts} attempts")
 
     async def _place(
-        self, job: TurnJob, request_id: str, progress: TurnProgress, excluded: list[str]
+        self,
+        job: TurnJob,
+        request_id: str,
+        progress: TurnProgress,
+        excluded: list[str],
+        block_hashes: list[int],
     ) -> scheduler_pb2.Placed:
         try:
             response = await self._scheduler.Place(
@@ -181,6 +208,7 @@ class TurnRunner:
                     prompt_tokens=job.prompt_tokens_estimate + progress.completion_tokens,
                     max_new_tokens=job.max_tokens - progress.completion_tokens,
                     exclude_workers=excluded,
+                    block_hashes=block_hashes,
                 ),
                 timeout=min(5.0, _remaining(job.deadline) or 5.0),
             )
@@ -205,6 +233,13 @@ class TurnRunner:
         task = asyncio.create_task(release())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def _chunks(
+    call: grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateChunk],
+) -> AsyncIterator[worker_pb2.GenerateChunk]:
+    async for chunk in call:
+        yield chunk
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -1,12 +1,20 @@
-"""Wiring of one gateway replica: Redis session store, scheduler client, worker relay, Chat service."""
+"""Wiring of one gateway replica: Redis session and key stores, rate limiter, scheduler client,
+worker relay, quarantine responder, Chat service."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
 
+from gateway.auth import Authenticator, AuthMode
+from gateway.buckets import DEFAULT_LIMITS, TierLimits
+from gateway.gate import Gate
+from gateway.keystore import KeyStore
+from gateway.quarantine import Meower, Pace
+from gateway.ratelimit import RateLimiter
 from gateway.relay import TurnRunner, WorkerChannels
 from gateway.servicer import ChatServicer
 from gateway.sessions import SessionStore
@@ -30,6 +38,10 @@ class GatewaySettings:
     limits: Limits = field(default_factory=Limits)
     metrics_port: int | None = None
     grace_s: float = 30.0
+    auth: AuthMode = AuthMode.REQUIRED
+    # Per tier; None turns rate limiting off.
+    rate_limits: Mapping[str, TierLimits] | None = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    quarantine_pace: Pace = field(default_factory=Pace)
 
 
 class GatewayService:
@@ -40,9 +52,14 @@ class GatewayService:
         self.workers = WorkerChannels()
         runner = TurnRunner(scheduler_pb2_grpc.SchedulerStub(self.scheduler_channel), self.workers)
         sessions = SessionStore(self.redis, settings.session_idle_ttl_s)
+        limiter = None if settings.rate_limits is None else RateLimiter(self.redis, settings.rate_limits)
+        gate = Gate(Authenticator(KeyStore(self.redis), settings.auth), limiter)
         self.host = GrpcHost(settings.listen, [CHAT_SERVICE])
         chat_pb2_grpc.add_ChatServicer_to_server(
-            ChatServicer(sessions, runner, settings.models, settings.limits), self.host.server
+            ChatServicer(
+                sessions, runner, settings.models, settings.limits, gate, Meower(settings.quarantine_pace)
+            ),
+            self.host.server,
         )
 
     @property
@@ -52,7 +69,13 @@ class GatewayService:
     async def start(self) -> None:
         await self.host.start()
         start_metrics_server(self.settings.metrics_port)
-        log.info("gateway serving Chat on %s (scheduler %s)", self.address, self.settings.scheduler)
+        log.info(
+            "gateway serving Chat on %s (scheduler %s, auth %s, rate limits %s)",
+            self.address,
+            self.settings.scheduler,
+            self.settings.auth.value,
+            "off" if self.settings.rate_limits is None else "on",
+        )
 
     async def stop(self) -> None:
         # Health goes NOT_SERVING first so load balancers stop sending; in-flight turns get the grace.

@@ -1,18 +1,26 @@
-"""gRPC `Chat` service: sessions, validation, and streaming one assistant turn per Send."""
+"""gRPC `Chat` service: sessions, validation, and streaming one assistant turn per Send.
+
+Every call is admitted by the Gate first (API key -> tenant and tier, rate limits). Sessions
+are the caller's tenant's only; a quarantined key's turns go to the canned Meower instead of
+the fleet.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, NoReturn
+from typing import Any, Protocol
 
 import grpc
 import redis.exceptions
 
 from gateway import prompt
+from gateway.aborts import REDIS_DOWN_RETRY_MS, abort, abort_with_pushback, redis_down
+from gateway.auth import Caller
+from gateway.gate import Gate
 from gateway.metrics import TTFT_SECONDS, TURNS
-from gateway.relay import AtCapacity, PlacementUnavailable, TurnJob, TurnProgress, TurnRejected, TurnRunner
+from gateway.relay import AtCapacity, PlacementUnavailable, TurnJob, TurnProgress, TurnRejected
 from gateway.sessions import SessionStore, now_ms
 from gateway.validation import Limits, check_max_tokens, check_messages, check_text
 from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2
@@ -20,24 +28,38 @@ from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 log = logging.getLogger(__name__)
 
 AT_CAPACITY_MESSAGE = "kvgate is at capacity right now; retry after the pushback delay"
-REDIS_DOWN_RETRY_MS = 1000
+
+
+class Runner(Protocol):
+    """Streams one assistant turn: the fleet's TurnRunner, or the quarantine Meower."""
+
+    def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]: ...
 
 
 class ChatServicer(chat_pb2_grpc.ChatServicer):
     def __init__(
-        self, sessions: SessionStore, runner: TurnRunner, models: Sequence[str], limits: Limits
+        self,
+        sessions: SessionStore,
+        runner: Runner,
+        models: Sequence[str],
+        limits: Limits,
+        gate: Gate,
+        quarantine: Runner,
     ) -> None:
         self._sessions = sessions
         self._runner = runner
         self._models = list(models)
         self._limits = limits
+        self._gate = gate
+        self._quarantine = quarantine
 
     async def CreateSession(
         self, request: chat_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> chat_pb2.Session:
+        caller = await self._gate.admit(context)
         model = request.model or self._models[0]
         if model not in self._models:
-            await _abort(
+            await abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"model {model!r} is not served; available: {', '.join(self._models)}",
@@ -49,82 +71,100 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             limit = self._limits.max_metadata_entries
             problem = f"metadata has {len(request.metadata)} entries; the limit is {limit}"
         if problem:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
-            return await self._sessions.create(model, request.system_prompt, dict(request.metadata))
+            return await self._sessions.create(
+                caller.tenant, model, request.system_prompt, dict(request.metadata)
+            )
         except redis.exceptions.RedisError:
-            await _redis_down(context)
+            await redis_down(context)
 
     async def GetSession(
         self, request: chat_pb2.GetSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> chat_pb2.Session:
-        return await self._load(request.session_id, context)
+        caller = await self._gate.admit(context)
+        return await self._load(caller, request.session_id, context)
 
     async def DeleteSession(
         self, request: chat_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> chat_pb2.DeleteSessionResponse:
-        await self._load(request.session_id, context)
+        caller = await self._gate.admit(context)
+        await self._load(caller, request.session_id, context)
         try:
-            return chat_pb2.DeleteSessionResponse(deleted=await self._sessions.delete(request.session_id))
+            deleted = await self._sessions.delete(caller.tenant, request.session_id)
+            return chat_pb2.DeleteSessionResponse(deleted=deleted)
         except redis.exceptions.RedisError:
-            await _redis_down(context)
+            await redis_down(context)
 
     async def ListSessions(
         self, request: chat_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> chat_pb2.ListSessionsResponse:
+        caller = await self._gate.admit(context)
         limit = min(request.limit or 50, 1000)
         try:
-            return chat_pb2.ListSessionsResponse(sessions=await self._sessions.list_recent(limit))
+            sessions = await self._sessions.list_recent(caller.tenant, limit)
+            return chat_pb2.ListSessionsResponse(sessions=sessions)
         except redis.exceptions.RedisError:
-            await _redis_down(context)
+            await redis_down(context)
 
-    async def _load(self, session_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> chat_pb2.Session:
+    async def _load(
+        self, caller: Caller, session_id: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> chat_pb2.Session:
         if not session_id:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
         try:
-            session = await self._sessions.get(session_id)
+            # Another tenant's session is None too: the same NOT_FOUND as one that never existed.
+            session = await self._sessions.get(caller.tenant, session_id)
         except redis.exceptions.RedisError:
-            await _redis_down(context)
+            await redis_down(context)
         if session is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"session_id {session_id!r} not found")
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"session_id {session_id!r} not found")
         return session
 
     async def Send(
         self, request: chat_pb2.SendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[chat_pb2.SendEvent]:
-        session, messages = await self._conversation(request, context)
+        # Counted as a request before any work (even one that turns out invalid); its tokens are
+        # charged below, once the prompt is known.
+        caller = await self._gate.admit(context)
+        session, messages = await self._conversation(caller, request, context)
         max_tokens = request.max_tokens or self._limits.default_max_tokens
         problem = check_max_tokens(max_tokens, self._limits)
         if problem:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         remaining = context.time_remaining()
         job = TurnJob(
             session_id=session.session_id if session else "",
             model=session.model if session else request.model,
-            tier="free",
+            tier=caller.tier,
             messages=messages,
             prompt_tokens_estimate=prompt.estimate_tokens(messages),
             max_tokens=max_tokens,
             deadline=time.monotonic() + remaining if remaining is not None else None,
         )
+        # Charged at admission for the most the turn can cost: prompt plus every allowed token.
+        await self._gate.charge(
+            context, caller, requests=0, tokens=job.prompt_tokens_estimate + job.max_tokens
+        )
+        runner = self._quarantine if caller.quarantined else self._runner
         progress = TurnProgress()
         try:
-            async for event in self._runner.stream(job, progress):
+            async for event in runner.stream(job, progress):
                 yield event
         except AtCapacity as exc:
             TURNS.labels(outcome="shed").inc()
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(exc.retry_after_ms)),))
-            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, AT_CAPACITY_MESSAGE)
+            await abort_with_pushback(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, AT_CAPACITY_MESSAGE, exc.retry_after_ms
+            )
         except PlacementUnavailable as exc:
             TURNS.labels(outcome="unavailable").inc()
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(exc.retry_after_ms)),))
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+            await abort_with_pushback(context, grpc.StatusCode.UNAVAILABLE, str(exc), exc.retry_after_ms)
         except TurnRejected as exc:
             TURNS.labels(outcome="invalid").inc()
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except grpc.aio.AioRpcError as exc:
             TURNS.labels(outcome="deadline").inc()
-            await _abort(context, exc.code(), exc.details() or "turn failed")
+            await abort(context, exc.code(), exc.details() or "turn failed")
 
         finished = time.monotonic()
         ttft = (progress.first_token_at or finished) - progress.started_at
@@ -149,14 +189,14 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             )
             try:
                 # Durable before acknowledged: Done is sent only once the turn is stored.
-                turn_index = await self._sessions.append_turn(session.session_id, turn)
+                turn_index = await self._sessions.append_turn(caller.tenant, session.session_id, turn)
             except redis.exceptions.RedisError:
                 TURNS.labels(outcome="not_saved").inc()
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(REDIS_DOWN_RETRY_MS)),))
-                await _abort(
+                await abort_with_pushback(
                     context,
                     grpc.StatusCode.UNAVAILABLE,
                     "the reply could not be saved (session store unavailable); send the turn again",
+                    REDIS_DOWN_RETRY_MS,
                 )
         TURNS.labels(outcome="ok").inc()
         yield chat_pb2.SendEvent(
@@ -169,19 +209,19 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         )
 
     async def _conversation(
-        self, request: chat_pb2.SendRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, caller: Caller, request: chat_pb2.SendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tuple[chat_pb2.Session | None, list[common_pb2.Message]]:
         if request.session_id:
             if request.messages:
-                await _abort(
+                await abort(
                     context,
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "messages must be empty when session_id is set (the session holds the history)",
                 )
             problem = check_text("content", request.content, self._limits.max_message_bytes)
             if problem:
-                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-            session = await self._load(request.session_id, context)
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+            session = await self._load(caller, request.session_id, context)
             return session, prompt.conversation(session, request.content)
         messages = list(request.messages)
         problem = check_messages(messages, self._limits)
@@ -190,17 +230,5 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         if not problem and request.model not in self._models:
             problem = f"model {request.model!r} is not served; available: {', '.join(self._models)}"
         if problem:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         return None, messages
-
-
-async def _abort(
-    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str
-) -> NoReturn:
-    await context.abort(code, message)
-    raise AssertionError("unreachable: context.abort raises")
-
-
-async def _redis_down(context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
-    context.set_trailing_metadata((("grpc-retry-pushback-ms", str(REDIS_DOWN_RETRY_MS)),))
-    await _abort(context, grpc.StatusCode.UNAVAILABLE, "session store (Redis) unavailable; retry shortly")

@@ -90,6 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=60.0,
         help="seconds in-flight requests get to finish on SIGTERM (default: %(default)s)",
     )
+    parser.add_argument(
+        "--prefill-tokens-per-s",
+        type=float,
+        default=None,
+        help="prompt tokens/s this worker prefills, reported to the scheduler "
+        "(default: roofline estimate for sim, 10000 for vllm)",
+    )
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: off)")
 
 
@@ -114,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         mqtt_keepalive_s=args.mqtt_keepalive,
         drain_grace_s=args.drain_grace,
         metrics_port=args.metrics_port,
+        prefill_tokens_per_s=args.prefill_tokens_per_s,
     )
 
     async def main() -> None:

@@ -7,6 +7,7 @@ import json
 import sys
 
 from gpu_worker.sim import GPUS, MODELS
+from gpu_worker.sim.fidelity import fidelity_report, fidelity_table, format_fidelity
 from gpu_worker.sim.profile_report import profile_report
 
 
@@ -21,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument(
+        "--fidelity",
+        action="store_true",
+        help="compare modelled step times and KV capacity with the pure roofline and published "
+        "measurements (published figures for h100 / llama-3-8b / tp 1; see docs/fidelity.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +36,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kvgate engine-profile: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "fidelity", False):
+        if args.json:
+            print(json.dumps(fidelity_report(args.gpu, args.model, args.tp), indent=2))
+        else:
+            title = f"{report['model']} on {report['gpu']} x{report['tp']}"
+            print(f"{title}: modelled vs pure roofline vs published")
+            print(format_fidelity(fidelity_table(args.gpu, args.model, args.tp)))
+        return 0
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -38,6 +38,26 @@ class WorkerSettings:
     metrics_port: int | None = None
     drain_grace_s: float = 60.0
     vllm_model_path: str = ""
+    # None: the sim engine's roofline estimate; vLLM workers default to VLLM_PREFILL_TOKENS_PER_S.
+    prefill_tokens_per_s: float | None = None
+
+
+# A conservative prefill rate for an 8B-class model on one modern GPU when none is configured:
+# it only weighs "wait for the pinned worker" against "recompute elsewhere".
+VLLM_PREFILL_TOKENS_PER_S = 10_000.0
+
+
+def prefill_tokens_per_s(settings: WorkerSettings) -> float:
+    if settings.prefill_tokens_per_s is not None:
+        return settings.prefill_tokens_per_s
+    if settings.engine != "sim":
+        return VLLM_PREFILL_TOKENS_PER_S
+    from gpu_worker.sim.profiles import get_gpu, get_model
+    from gpu_worker.sim.roofline import step_cost
+
+    tokens = 2048  # a typical conversation history to recompute
+    cost = step_cost(get_gpu(settings.gpu), get_model(settings.model), settings.tp, 0, 0, tokens, 0)
+    return tokens / cost.seconds
 
 
 def build_engine(settings: WorkerSettings) -> Engine:
@@ -102,6 +122,8 @@ class WorkerService:
             model=self.engine.model,
             engine=self.engine.kind,
             gpu=self.settings.gpu if self.engine.kind == "sim" else "cuda",
+            prefill_tokens_per_s=prefill_tokens_per_s(self.settings),
+            max_num_seqs=self.settings.max_num_seqs,
         )
         self.telemetry = TelemetryPublisher(
             MqttUrl.parse(self.settings.mqtt_url),

@@ -36,6 +36,8 @@ class WorkerIdentity:
     model: str
     engine: str
     gpu: str
+    prefill_tokens_per_s: float = 0.0
+    max_num_seqs: int = 0
 
 
 class TelemetryPublisher:
@@ -104,6 +106,8 @@ class TelemetryPublisher:
             timestamp_ms=int(time.time() * 1000),
             seq=self._seq,
             max_model_len=self._engine.max_model_len,
+            prefill_tokens_per_s=i.prefill_tokens_per_s,
+            max_num_seqs=i.max_num_seqs,
         ).SerializeToString()
 
     def _kv_payload(self) -> bytes | None:

@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 from kvgate.service import run_until_signalled
+from scheduler.policy import POLICIES
 from scheduler.server import SchedulerService, SchedulerSettings
 from scheduler.store import StoreSettings
 
@@ -49,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         help="telemetry age (s) after which a worker gets no placements (default: %(default)s)",
     )
+    parser.add_argument(
+        "--policy",
+        default="kvgate",
+        choices=sorted(POLICIES),
+        help="placement policy: kvgate (ours) or a baseline for comparison (default: %(default)s)",
+    )
     parser.add_argument("--replica-id", default="", help="name of this replica (default: host-pid)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: off)")
 
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         mqtt_url=args.mqtt_url,
         metrics_port=args.metrics_port,
         replica_id=args.replica_id,
+        policy=args.policy,
         store=StoreSettings(
             reservation_ttl_s=args.reservation_ttl,
             pin_idle_ttl_s=args.pin_ttl,

@@ -23,6 +23,9 @@ class FleetCache:
         self._view: FleetView | None = None
         self._read_at = 0.0
         self._lock = asyncio.Lock()
+        # Tokens of this replica's commits still in flight, per worker: a refresh read from
+        # Redis does not show them yet, so they are added back on top of every fresh view.
+        self._pending: dict[str, int] = {}
 
     async def get(self) -> FleetView:
         if self._view is not None and time.monotonic() - self._read_at < self._max_age_s:
@@ -30,14 +33,32 @@ class FleetCache:
         async with self._lock:
             # Another caller may have refreshed while we waited for the lock.
             if self._view is None or time.monotonic() - self._read_at >= self._max_age_s:
-                self._view = await self._store.read_fleet()
+                view = await self._store.read_fleet()
                 self._read_at = time.monotonic()
+                self._view = view
+                for worker_id, tokens in self._pending.items():
+                    self._add(worker_id, tokens)
             return self._view
 
     def invalidate(self) -> None:
         self._view = None
 
-    def note_reserved(self, worker_id: str, tokens: int) -> None:
+    def begin_reservation(self, worker_id: str, tokens: int) -> None:
+        """Count tokens before awaiting their commit, so concurrent placements here see them."""
+        self._pending[worker_id] = self._pending.get(worker_id, 0) + tokens
+        self._add(worker_id, tokens)
+
+    def end_reservation(self, worker_id: str, tokens: int, committed: bool) -> None:
+        """A committed reservation stays counted (Redis has it now); a failed one is taken back."""
+        left = self._pending.get(worker_id, 0) - tokens
+        if left > 0:
+            self._pending[worker_id] = left
+        else:
+            self._pending.pop(worker_id, None)
+        if not committed:
+            self._add(worker_id, -tokens)
+
+    def _add(self, worker_id: str, tokens: int) -> None:
         view = self._view
         if view is None or worker_id not in view.workers:
             return

@@ -68,8 +68,10 @@ class TelemetryIngest:
                     raise ValueError(f"status for {status.worker_id!r} on {worker_id!r}'s topic")
                 await self._store.ingest_status(status)
             else:
-                # KV events feed the prefix index (scheduler issue); accepted and counted for now.
-                telemetry_pb2.KvEvents.FromString(bytes(payload))
+                events = telemetry_pb2.KvEvents.FromString(bytes(payload))
+                if events.worker_id != worker_id:
+                    raise ValueError(f"KV events for {events.worker_id!r} on {worker_id!r}'s topic")
+                await self._store.ingest_kv(events)
             TELEMETRY_MESSAGES.labels(kind=kind, outcome="ok").inc()
         except (DecodeError, ValueError) as exc:
             TELEMETRY_MESSAGES.labels(kind=kind, outcome="invalid").inc()

@@ -15,5 +15,28 @@ def worker_reservations(worker_id: str) -> str:
     return f"kvgate:w:{{{worker_id}}}:resv"
 
 
+def worker_reservation_expiry(worker_id: str) -> str:
+    """ZSET request id -> expiry (ms) of the worker's reservations (see lua/reservations.lua)."""
+    return f"kvgate:w:{{{worker_id}}}:resvx"
+
+
+def worker_reservation_keys(worker_id: str) -> list[str]:
+    """KEYS of every script touching reservations: info, reservation hash, expiry zset."""
+    return [worker_info(worker_id), worker_reservations(worker_id), worker_reservation_expiry(worker_id)]
+
+
 def session_pin(session_id: str) -> str:
     return f"kvgate:s:{{{session_id}}}:pin"
+
+
+def worker_blocks(worker_id: str) -> str:
+    """SET of the KV block hashes the worker holds (its prefix cache, from its KV events)."""
+    return f"kvgate:w:{{{worker_id}}}:blocks"
+
+
+def worker_pins(worker_id: str) -> str:
+    """ZSET session id -> pin expiry (ms): which sessions are pinned here, for status."""
+    return f"kvgate:w:{{{worker_id}}}:pins"
+
+
+PLACEMENTS_BY_OUTCOME = "kvgate:placements_by_outcome"  # HASH outcome -> count

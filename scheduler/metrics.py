@@ -12,7 +12,30 @@ PLACEMENTS = Counter(
 PLACEMENT_SECONDS = Histogram(
     "kvgate_scheduler_placement_seconds",
     "Time inside the scheduler for one Place: policy plus atomic commit",
-    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+    # Fine below 5 ms: the placement goal is p50 <= 1 ms, p99 <= 3 ms.
+    buckets=(
+        0.0001,
+        0.0002,
+        0.0003,
+        0.0004,
+        0.0005,
+        0.0006,
+        0.0008,
+        0.001,
+        0.0012,
+        0.0015,
+        0.002,
+        0.0025,
+        0.003,
+        0.004,
+        0.005,
+        0.0075,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+    ),
 )
 COMMIT_CONFLICTS = Counter(
     "kvgate_scheduler_commit_conflicts_total",

@@ -15,7 +15,7 @@ from kvgate.service import CHANNEL_OPTIONS, BackgroundTasks, GrpcHost, start_met
 from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from scheduler.fleet_cache import FleetCache
 from scheduler.ingest import TelemetryIngest
-from scheduler.policy import KvgatePolicy
+from scheduler.policy import make_policy
 from scheduler.servicer import SchedulerServicer
 from scheduler.store import FleetStore, StoreSettings
 
@@ -31,6 +31,7 @@ class SchedulerSettings:
     mqtt_url: str = "mqtt://localhost:1883"
     metrics_port: int | None = None
     replica_id: str = ""
+    policy: str = "kvgate"
     store: StoreSettings = field(default_factory=StoreSettings)
     fleet_cache_s: float = 0.1
     grace_s: float = 5.0
@@ -43,7 +44,9 @@ class SchedulerService:
         self.store = FleetStore(self.redis, settings.store)
         self.fleet = FleetCache(self.store, max_age_s=settings.fleet_cache_s)
         self.host = GrpcHost(settings.listen, [SCHEDULER_SERVICE])
-        self.servicer = SchedulerServicer(self.store, self.fleet, KvgatePolicy(), self._drain_worker)
+        self.servicer = SchedulerServicer(
+            self.store, self.fleet, make_policy(settings.policy), self._drain_worker
+        )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.host.server)
         replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self.ingest = TelemetryIngest(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -14,7 +15,7 @@ import redis.exceptions
 from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler import metrics
 from scheduler.fleet_cache import FleetCache
-from scheduler.policy import KvgatePolicy, Placed, PlacementRequest, Shed, WorkerState
+from scheduler.policy import Placed, PlacementRequest, Policy, Shed
 from scheduler.store import FleetStore, ReserveStatus
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,9 @@ OUTCOME_TO_PROTO = {
     "pinned_hit": scheduler_pb2.PLACE_OUTCOME_PINNED_HIT,
     "moved": scheduler_pb2.PLACE_OUTCOME_MOVED,
 }
+# Bounds on waiting for a full pinned worker inside one Place (the policy estimates the wait).
+MAX_PIN_WAIT_S = 5.0
+PIN_WAIT_POLL_S = 0.05
 # While Redis is away, tell clients to come back after this long.
 REDIS_DOWN_RETRY_MS = 1000
 MAX_TOKENS_PER_REQUEST = 10_000_000
@@ -33,12 +37,13 @@ WorkerDrainer = Callable[[str], Awaitable[None]]
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(
-        self, store: FleetStore, fleet: FleetCache, policy: KvgatePolicy, drain_worker: WorkerDrainer
+        self, store: FleetStore, fleet: FleetCache, policy: Policy, drain_worker: WorkerDrainer
     ) -> None:
         self._store = store
         self._fleet = fleet
         self._policy = policy
         self._drain_worker = drain_worker
+        self._background: set[asyncio.Task[None]] = set()
 
     async def Place(
         self, request: scheduler_pb2.PlaceRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -59,7 +64,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def _place(self, request: scheduler_pb2.PlaceRequest) -> scheduler_pb2.PlaceResponse:
         tier = request.tier or "free"
         fleet = await self._fleet.get()
-        pinned = await self._store.get_pin(request.session_id) if request.session_id else None
+        serving = [w.worker_id for w in fleet.workers.values() if w.model == request.model]
+        pinned, prefix_hits = await self._store.lookup(
+            request.session_id, serving, list(request.block_hashes)
+        )
         placement = PlacementRequest(
             request_id=request.request_id,
             session_id=request.session_id,
@@ -71,22 +79,24 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             exclude_workers=frozenset(request.exclude_workers),
             pinned_worker=pinned,
             client_region=request.client_region,
+            prefix_hit_blocks=prefix_hits,
         )
+        # Re-read the snapshot after the lookup's await: reservations that concurrent placements
+        # began meanwhile must count, or a burst piles onto one worker.
+        fleet = await self._fleet.get()
         decision = self._policy.place(placement, fleet)
         if isinstance(decision, Placed):
-            for worker_id in decision.candidates:
-                # Count the tokens locally before awaiting the commit, so concurrent placements
-                # in this replica already see them (a burst spreads instead of piling up).
-                self._fleet.note_reserved(worker_id, placement.tokens_needed)
-                result = await self._store.reserve(worker_id, request.request_id, placement.tokens_needed)
-                if result.status != ReserveStatus.RESERVED:
-                    self._fleet.note_reserved(worker_id, -placement.tokens_needed)
+            for i, worker_id in enumerate(decision.candidates):
+                wait_s = decision.expected_wait_s if i == 0 and decision.wait_for_pinned else 0.0
+                if not await self._commit(worker_id, request.request_id, placement.tokens_needed, wait_s):
                     metrics.COMMIT_CONFLICTS.inc()
                     continue
-                if request.session_id:
-                    await self._store.set_pin(request.session_id, worker_id)
                 worker = fleet.workers[worker_id]
                 outcome = decision.outcome_for(worker_id)
+                # The pin is affinity, not correctness: write it after answering, off the hot path.
+                self._spawn(
+                    self._store.record_placement(request.session_id, worker_id, pinned, outcome.value)
+                )
                 metrics.PLACEMENTS.labels(outcome=outcome.value, tier=tier).inc()
                 return scheduler_pb2.PlaceResponse(
                     placed=scheduler_pb2.Placed(
@@ -100,15 +110,39 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 )
             # Every candidate filled up between snapshot and commit: the snapshot is out of date.
             self._fleet.invalidate()
-            decision = Shed(retry_after_s=0.5, reason="at capacity")
+            decision = Shed(retry_after_s=0.5, reason="at capacity", tier=tier)
         assert isinstance(decision, Shed)
-        await self._store.count_shed(tier)
-        metrics.PLACEMENTS.labels(outcome="shed", tier=tier).inc()
+        shed_tier = decision.tier or tier
+        await self._store.count_shed(shed_tier)
+        metrics.PLACEMENTS.labels(outcome="shed", tier=shed_tier).inc()
         return scheduler_pb2.PlaceResponse(
             shed=scheduler_pb2.Shed(
                 retry_after_ms=math.ceil(decision.retry_after_s * 1000), reason=decision.reason
             )
         )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(_suppress_redis_errors(coro))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _commit(self, worker_id: str, request_id: str, tokens: int, wait_s: float) -> bool:
+        """Reserve on one worker; for a pinned worker worth waiting for, retry until it has room
+        (its running requests finish and its telemetry shows the freed blocks) or wait_s passes."""
+        deadline = time.monotonic() + min(wait_s, MAX_PIN_WAIT_S)
+        while True:
+            self._fleet.begin_reservation(worker_id, tokens)
+            committed = False
+            try:
+                result = await self._store.reserve(worker_id, request_id, tokens)
+                committed = result.status == ReserveStatus.RESERVED
+            finally:
+                self._fleet.end_reservation(worker_id, tokens, committed)
+            if committed:
+                return True
+            if result.status != ReserveStatus.NO_ROOM or time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(PIN_WAIT_POLL_S)
 
     async def Release(
         self, request: scheduler_pb2.ReleaseRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -127,19 +161,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.FleetStatusResponse:
         try:
             fleet = await self._store.read_fleet()
+            ids = sorted(fleet.workers)
+            extras = await self._store.status_extras(ids)
             shed = await self._store.shed_counts()
+            placed = await self._store.placement_counts()
         except redis.exceptions.RedisError:
             context.set_trailing_metadata((("grpc-retry-pushback-ms", str(REDIS_DOWN_RETRY_MS)),))
             await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler state store (Redis) unavailable")
-        response = scheduler_pb2.FleetStatusResponse(shed_by_tier=shed)
+        response = scheduler_pb2.FleetStatusResponse(shed_by_tier=shed, placements_by_outcome=placed)
         total = free = stale = 0
-        for w in fleet.workers.values():
+        for wid in ids:
+            w = fleet.workers[wid]
             alive = fleet.is_alive(w)
             is_stale = alive and w.age_s > fleet.stale_after_s
             stale += is_stale
-            state = w.state.value if alive or w.state == WorkerState.OFFLINE else "offline"
-            if is_stale:
-                state = "stale"
+            state = "stale" if is_stale else (w.state.value if alive else "offline")
+            pins, indexed = extras[wid]
             response.workers.append(
                 scheduler_pb2.WorkerState(
                     worker_id=w.worker_id, region=w.region, address=w.address, model=w.model,
@@ -148,6 +185,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     num_blocks_cached=w.num_blocks_cached, reserved_tokens=w.reserved_tokens,
                     running=w.running, waiting=w.waiting, step_ms=w.step_ms,
                     last_seen_age_s=w.age_s, free_tokens=max(0, w.free_tokens),
+                    pinned_sessions=pins, blocks_indexed=indexed, tokens_per_s=w.tokens_per_s,
+                    arithmetic_intensity=w.arithmetic_intensity,
                 )
             )  # fmt: skip
             if alive:
@@ -170,6 +209,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self._fleet.invalidate()
             await self._drain_worker(request.worker_id)
         return scheduler_pb2.DrainWorkerResponse(found=found)
+
+
+async def _suppress_redis_errors(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        await coro
+    except redis.exceptions.RedisError as exc:
+        log.warning("pin not recorded (Redis: %s); the session's next turn is placed afresh", exc)
 
 
 def _validate(request: scheduler_pb2.PlaceRequest) -> str:

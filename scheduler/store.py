@@ -21,12 +21,20 @@ _LIFECYCLE_TO_STATE = {
 }
 
 
+_DEFAULTS = WorkerView("", "", "", WorkerState.READY, 16, 0, 0)
+DEFAULT_PREFILL_TOKENS_PER_S = _DEFAULTS.prefill_tokens_per_s
+DEFAULT_MAX_NUM_SEQS = _DEFAULTS.max_num_seqs
+
 # What redis-py accepts as a hash field or value.
 _RedisField = str | bytes | bytearray | memoryview | int | float
 
 
-def _lua(name: str) -> str:
-    return (resources.files("scheduler") / "lua" / name).read_text()
+def _lua(name: str, *, reservations: bool = False) -> str:
+    source = (resources.files("scheduler") / "lua" / name).read_text()
+    if reservations:
+        # Scripts that touch reservations share one definition of how they are kept.
+        source = (resources.files("scheduler") / "lua" / "reservations.lua").read_text() + source
+    return source
 
 
 class ReserveStatus(enum.IntEnum):
@@ -48,14 +56,19 @@ class StoreSettings:
     pin_idle_ttl_s: float = 3600.0
     dead_after_s: float = 10.0
     stale_after_s: float = 2.0
+    # A worker's prefix index lives this long after its last KV event; it is bounded anyway by
+    # the worker's own cache size, since it mirrors exactly the blocks the worker holds.
+    prefix_index_ttl_s: float = 600.0
 
 
 class FleetStore:
     def __init__(self, client: redis.Redis, settings: StoreSettings) -> None:
         self._redis = client
         self.settings = settings
-        self._reserve = client.register_script(_lua("reserve.lua"))
-        self._ingest = client.register_script(_lua("ingest_stats.lua"))
+        self._reserve = client.register_script(_lua("reserve.lua", reservations=True))
+        self._release = client.register_script(_lua("release.lua", reservations=True))
+        self._ingest = client.register_script(_lua("ingest_stats.lua", reservations=True))
+        self._ingest_kv = client.register_script(_lua("ingest_kv.lua"))
 
     async def ingest_stats(self, stats: telemetry_pb2.WorkerStats) -> None:
         state = _LIFECYCLE_TO_STATE.get(stats.state, WorkerState.READY)
@@ -66,10 +79,11 @@ class FleetStore:
             "blocks_cached", stats.num_blocks_cached, "running", stats.running,
             "waiting", stats.waiting, "step_ms", stats.step_ms, "tokens_per_s", stats.tokens_per_s,
             "arithmetic_intensity", stats.arithmetic_intensity,
+            "prefill_tokens_per_s", stats.prefill_tokens_per_s, "max_num_seqs", stats.max_num_seqs,
         ]  # fmt: skip
         args = [stats.seq, state.value, *fields, "--", *stats.admitted_request_ids]
         wid = stats.worker_id
-        await self._ingest(keys=[keys.worker_info(wid), keys.worker_reservations(wid)], args=args)
+        await self._ingest(keys=keys.worker_reservation_keys(wid), args=args)
         await self._redis.sadd(keys.WORKERS, wid)
 
     async def ingest_status(self, status: telemetry_pb2.WorkerStatus) -> None:
@@ -86,10 +100,57 @@ class FleetStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(info, mapping=mapping)
             if state == WorkerState.OFFLINE:
-                # Its KV cache is gone with it: reservations there mean nothing now.
-                pipe.delete(keys.worker_reservations(status.worker_id))
+                # Its KV cache is gone with it: reservations and cached prefixes mean nothing now.
+                wid = status.worker_id
+                pipe.delete(
+                    keys.worker_reservations(wid),
+                    keys.worker_reservation_expiry(wid),
+                    keys.worker_blocks(wid),
+                )
+                pipe.hset(info, "reserved", 0)
             await pipe.execute()
         await self._redis.sadd(keys.WORKERS, status.worker_id)
+
+    async def ingest_kv(self, events: telemetry_pb2.KvEvents) -> None:
+        wid = events.worker_id
+        await self._ingest_kv(
+            keys=[keys.worker_info(wid), keys.worker_blocks(wid)],
+            args=[
+                events.seq,
+                "1" if events.all_cleared else "0",
+                int(self.settings.prefix_index_ttl_s * 1000),
+                len(events.stored_block_hashes),
+                *events.stored_block_hashes,
+                *events.removed_block_hashes,
+            ],
+        )
+
+    async def lookup(
+        self, session_id: str, worker_ids: list[str], block_hashes: list[int]
+    ) -> tuple[str | None, dict[str, int]]:
+        """The session's pin and, per worker, how many leading prompt blocks it has cached:
+        one round trip for both."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if session_id:
+                pipe.get(keys.session_pin(session_id))
+            else:
+                pipe.echo("")  # keeps the reply positions fixed
+            if block_hashes:
+                for wid in worker_ids:
+                    pipe.smismember(keys.worker_blocks(wid), block_hashes)
+            replies = await pipe.execute()
+        raw_pin = replies[0]
+        pin = (raw_pin.decode() if isinstance(raw_pin, bytes) else raw_pin) or None
+        hits: dict[str, int] = {}
+        for wid, found in zip(worker_ids, replies[1:], strict=False):
+            leading = 0
+            for present in found:
+                if not present:
+                    break
+                leading += 1
+            if leading:
+                hits[wid] = leading
+        return pin, hits
 
     async def read_fleet(self) -> FleetView:
         ids = sorted(
@@ -99,13 +160,12 @@ class FleetStore:
             pipe.time()
             for wid in ids:
                 pipe.hgetall(keys.worker_info(wid))
-                pipe.hgetall(keys.worker_reservations(wid))
             replies = await pipe.execute()
         seconds, micros = replies[0]
         now_ms = seconds * 1000 + micros // 1000
         workers: dict[str, WorkerView] = {}
         for i, wid in enumerate(ids):
-            info = _decode(replies[1 + 2 * i])
+            info = _decode(replies[1 + i])
             if "blocks_total" not in info:
                 continue
             workers[wid] = WorkerView(
@@ -117,11 +177,16 @@ class FleetStore:
                 num_blocks_total=int(info["blocks_total"]),
                 num_blocks_used=int(info.get("blocks_used", "0")),
                 num_blocks_cached=int(info.get("blocks_cached", "0")),
-                reserved_tokens=_live_reserved(_decode(replies[2 + 2 * i]), now_ms),
+                reserved_tokens=max(0, int(info.get("reserved", "0"))),
                 running=int(info.get("running", "0")),
                 waiting=int(info.get("waiting", "0")),
                 step_ms=float(info.get("step_ms", "0")),
                 tokens_per_s=float(info.get("tokens_per_s", "0")),
+                arithmetic_intensity=float(info.get("arithmetic_intensity", "0")),
+                # Workers that do not report these (0) keep the policy's defaults.
+                prefill_tokens_per_s=float(info.get("prefill_tokens_per_s", "0"))
+                or DEFAULT_PREFILL_TOKENS_PER_S,
+                max_num_seqs=int(info.get("max_num_seqs", "0")) or DEFAULT_MAX_NUM_SEQS,
                 age_s=max(0.0, (now_ms - int(info.get("seen_ms", "0"))) / 1000),
                 address=info.get("address", ""),
                 engine=info.get("engine", ""),
@@ -134,7 +199,7 @@ class FleetStore:
         self, worker_id: str, request_id: str, tokens: int, *, allow_draining: bool = False
     ) -> ReserveResult:
         status, free_after = await self._reserve(
-            keys=[keys.worker_info(worker_id), keys.worker_reservations(worker_id)],
+            keys=keys.worker_reservation_keys(worker_id),
             args=[
                 request_id,
                 tokens,
@@ -146,18 +211,44 @@ class FleetStore:
         return ReserveResult(ReserveStatus(int(status)), int(free_after))
 
     async def release(self, worker_id: str, request_id: str) -> bool:
-        return bool(await self._redis.hdel(keys.worker_reservations(worker_id), request_id))
+        return bool(await self._release(keys=keys.worker_reservation_keys(worker_id), args=[request_id]))
 
-    async def get_pin(self, session_id: str) -> str | None:
-        value = await self._redis.get(keys.session_pin(session_id))
-        if value is None:
-            return None
-        return value.decode() if isinstance(value, bytes) else str(value)
+    async def reserved_tokens(self, worker_id: str) -> int:
+        """Sum of the worker's reservation hash (for checks; placement uses the running total)."""
+        values = await self._redis.hvals(keys.worker_reservations(worker_id))
+        return sum(int(v) for v in values)
 
-    async def set_pin(self, session_id: str, worker_id: str) -> None:
-        await self._redis.set(
-            keys.session_pin(session_id), worker_id, px=int(self.settings.pin_idle_ttl_s * 1000)
-        )
+    async def record_placement(
+        self, session_id: str, worker_id: str, previous_worker: str | None, outcome: str
+    ) -> None:
+        """Pin the session (idle TTL), index the pin under its worker for status, count the outcome."""
+        ttl_ms = int(self.settings.pin_idle_ttl_s * 1000)
+        now_ms = int(time.time() * 1000)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if session_id:
+                pipe.set(keys.session_pin(session_id), worker_id, px=ttl_ms)
+                pins = keys.worker_pins(worker_id)
+                # Expired entries are ignored by status_extras (ZCOUNT from now) and trimmed there.
+                pipe.zadd(pins, {session_id: now_ms + ttl_ms})
+                pipe.pexpire(pins, ttl_ms)
+                if previous_worker and previous_worker != worker_id:
+                    pipe.zrem(keys.worker_pins(previous_worker), session_id)
+            pipe.hincrby(keys.PLACEMENTS_BY_OUTCOME, outcome, 1)
+            await pipe.execute()
+
+    async def status_extras(self, worker_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """Per worker (pinned sessions, prefix blocks indexed): for status views, not placement."""
+        now_ms = int(time.time() * 1000)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for wid in worker_ids:
+                pipe.zremrangebyscore(keys.worker_pins(wid), "-inf", now_ms)
+                pipe.zcard(keys.worker_pins(wid))
+                pipe.scard(keys.worker_blocks(wid))
+            replies = await pipe.execute()
+        return {wid: (int(replies[3 * i + 1]), int(replies[3 * i + 2])) for i, wid in enumerate(worker_ids)}
+
+    async def placement_counts(self) -> dict[str, int]:
+        return {k: int(v) for k, v in _decode(await self._redis.hgetall(keys.PLACEMENTS_BY_OUTCOME)).items()}
 
     async def set_draining(self, worker_id: str) -> bool:
         info = keys.worker_info(worker_id)
@@ -185,12 +276,3 @@ def _decode(
         (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
         for k, v in raw.items()
     }
-
-
-def _live_reserved(entries: dict[str, str], now_ms: int) -> int:
-    total = 0
-    for value in entries.values():
-        tokens, _, expires = value.partition(":")
-        if tokens.isdigit() and expires.isdigit() and int(expires) >= now_ms:
-            total += int(tokens)
-    return total

@@ -7,6 +7,7 @@ from gpu_worker.sim.profiles import GPUS, MODELS, GpuProfile, ModelProfile, get_
 from gpu_worker.sim.roofline import (
     StepCost,
     decode_run_cost,
+    decode_steps_within,
     expected_experts_touched,
     kv_bytes_per_token,
     kv_capacity_blocks,
@@ -34,6 +35,7 @@ __all__ = [
     "StepOutput",
     "block_hashes",
     "decode_run_cost",
+    "decode_steps_within",
     "expected_experts_touched",
     "get_gpu",
     "get_model",

@@ -34,12 +34,23 @@ def hash_block_tokens(parent: int | None, tokens: Sequence[int]) -> int:
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None = None) -> list[int]:
-    """Chained hashes of the full blocks of token_ids (a trailing partial block is not hashed)."""
+    """Chained hashes of the full blocks of token_ids (a trailing partial block is not hashed).
+
+    Same values as chaining hash_block_tokens block by block, but the token ids are packed
+    once and each block hashes a slice of that buffer (about twice as fast for long prompts).
+    """
+    n_tokens = len(token_ids) // block_size * block_size
+    if n_tokens == 0:
+        return []
+    buf = struct.pack(f"<{n_tokens}q", *token_ids[:n_tokens])
+    width = 8 * block_size
+    prev = ((ROOT_PARENT_HASH if parent is None else parent) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
+    blake2b = hashlib.blake2b
+    from_bytes = int.from_bytes
     out: list[int] = []
-    prev = parent
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        prev = hash_block_tokens(prev, token_ids[start : start + block_size])
-        out.append(prev)
+    for start in range(0, len(buf), width):
+        prev = blake2b(prev + buf[start : start + width], digest_size=8).digest()
+        out.append(from_bytes(prev, "little"))
     return out
 
 
@@ -133,21 +144,49 @@ class BlockPool:
         self._stored.append(block_hash)
         return True
 
+    def cache_blocks(self, block_ids: Sequence[int], block_hashes: Sequence[int]) -> None:
+        """cache_block for each (block, hash) pair, in order."""
+        if not self.enable_caching:
+            return
+        cached, hashes, stored = self._cached, self._hash, self._stored
+        for b, h in zip(block_ids, block_hashes, strict=True):
+            if h in cached:
+                continue
+            if hashes[b] is not None:
+                raise BlockPoolError(f"block {b} already cached")
+            hashes[b] = h
+            cached[h] = b
+            stored.append(h)
+
     # -- allocation -------------------------------------------------------------------
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise BlockPoolError(f"cannot allocate {n} blocks, {len(self._free)} free")
         out: list[int] = []
-        free = self._free
+        append = out.append
+        popitem = self._free.popitem
+        hashes, ref = self._hash, self._ref
         for _ in range(n):
-            b, _none = free.popitem(last=False)
-            h = self._hash[b]
+            b = popitem(last=False)[0]
+            h = hashes[b]
             if h is not None:
                 self._evict(b, h)
-            self._ref[b] = 1
-            out.append(b)
+            ref[b] = 1
+            append(b)
         return out
+
+    def allocate_one(self) -> int:
+        """allocate(1)[0] without the list (the decode fast path crosses one block boundary)."""
+        free = self._free
+        if not free:
+            raise BlockPoolError("cannot allocate 1 block, 0 free")
+        b, _none = free.popitem(last=False)
+        h = self._hash[b]
+        if h is not None:
+            self._evict(b, h)
+        self._ref[b] = 1
+        return b
 
     def _evict(self, block_id: int, block_hash: int) -> None:
         self._hash[block_id] = None

@@ -19,9 +19,16 @@ from dataclasses import dataclass
 from itertools import islice
 
 from gpu_worker.engine import EngineError, EngineStats, KvEventBatch
-from gpu_worker.sim.block_pool import BlockPool, block_hashes, hash_block_tokens
+from gpu_worker.sim.block_pool import BlockPool, block_hashes
 from gpu_worker.sim.profiles import get_gpu, get_model
-from gpu_worker.sim.roofline import StepCost, check_tp, decode_run_cost, kv_capacity_blocks, step_cost
+from gpu_worker.sim.roofline import (
+    StepCost,
+    check_tp,
+    decode_run_cost,
+    decode_steps_within,
+    kv_capacity_blocks,
+    step_cost,
+)
 from gpu_worker.sim.tokenizer import SimTokenizer
 
 # Weight of the newest step in the step-time/throughput moving averages.
@@ -55,23 +62,160 @@ class RequestOutput:
     finish_reason: str = ""
 
 
-@dataclass(frozen=True)
-class StepOutput:
-    duration_s: float
-    outputs: list[RequestOutput]
-    num_scheduled_tokens: int
-    arithmetic_intensity: float
-    num_preempted: int = 0
+class _LazyOutputs:
+    """Per-request outputs built on first access of `outputs`.
+
+    A decode step (or a k-step jump) records only which requests advanced and their output
+    counts afterwards; the RequestOutput objects (and token ids) are derived from that on
+    demand. Everything they are derived from (id, seed, prompt length, cached tokens, limit)
+    is fixed once a request is admitted, so late materialisation yields the same values.
+    """
+
+    __slots__ = ("_counts", "_k", "_outputs", "_reqs", "_tail", "_tokenizer", "_with_ids")
+
+    def _init_lazy(
+        self,
+        outputs: list[RequestOutput] | None,
+        reqs: list[_Request] | None = None,
+        counts: list[int] | None = None,
+        k: int = 1,
+        with_ids: bool = True,
+        tail: list[RequestOutput] | None = None,
+        tokenizer: SimTokenizer | None = None,
+    ) -> None:
+        self._outputs = outputs
+        self._reqs = reqs
+        self._counts = counts
+        self._k = k
+        self._with_ids = with_ids
+        self._tail = tail
+        self._tokenizer = tokenizer
+
+    @property
+    def outputs(self) -> list[RequestOutput]:
+        out = self._outputs
+        if out is None:
+            out = _decode_outputs(
+                self._reqs or [], self._counts or [], self._k, self._with_ids, self._tokenizer
+            )
+            if self._tail:
+                out.extend(self._tail)
+            self._outputs = out
+            self._reqs = self._counts = self._tail = None
+        return out
 
 
-@dataclass(frozen=True)
-class JumpOutput:
-    num_steps: int
-    duration_s: float
-    outputs: list[RequestOutput]
-    num_scheduled_tokens: int
-    # Aggregate FLOPs / bytes over the k steps.
-    arithmetic_intensity: float
+_new_object = object.__new__
+_set_attr = object.__setattr__
+
+
+def _fast_output(
+    request_id: str, ids: list[int], k: int, n_prompt: int, n_cached: int, n_out: int, finished: bool
+) -> RequestOutput:
+    """RequestOutput(...) at half the cost of the frozen dataclass __init__ (one attribute store
+    instead of eight object.__setattr__ calls); test_sim_engine checks they compare equal."""
+    out: RequestOutput = _new_object(RequestOutput)
+    _set_attr(
+        out,
+        "__dict__",
+        {
+            "request_id": request_id,
+            "new_token_ids": ids,
+            "num_new_tokens": k,
+            "num_prompt_tokens": n_prompt,
+            "num_cached_tokens": n_cached,
+            "num_output_tokens": n_out,
+            "finished": finished,
+            "finish_reason": "length" if finished else "",
+        },
+    )
+    return out
+
+
+def _decode_outputs(
+    reqs: list[_Request], counts: list[int], k: int, with_ids: bool, tokenizer: SimTokenizer | None
+) -> list[RequestOutput]:
+    if not with_ids or tokenizer is None:
+        return [
+            _fast_output(r.request_id, [], k, r.n_prompt, r.num_cached_tokens, n, n >= r.max_new_tokens)
+            for r, n in zip(reqs, counts, strict=True)
+        ]
+    if k == 1:
+        sample = tokenizer.sample
+        return [
+            _fast_output(
+                r.request_id,
+                [sample(r.seed, n - 1)],
+                1,
+                r.n_prompt,
+                r.num_cached_tokens,
+                n,
+                n >= r.max_new_tokens,
+            )
+            for r, n in zip(reqs, counts, strict=True)
+        ]
+    many = tokenizer.sample_many
+    return [
+        _fast_output(
+            r.request_id, many(r.seed, n - k, k), k, r.n_prompt, r.num_cached_tokens, n, n >= r.max_new_tokens
+        )
+        for r, n in zip(reqs, counts, strict=True)
+    ]
+
+
+class StepOutput(_LazyOutputs):
+    """One engine step: its duration, the tokens it sampled (`outputs`, in schedule order)."""
+
+    __slots__ = ("arithmetic_intensity", "duration_s", "num_preempted", "num_scheduled_tokens")
+
+    def __init__(
+        self,
+        duration_s: float,
+        outputs: list[RequestOutput] | None,
+        num_scheduled_tokens: int,
+        arithmetic_intensity: float,
+        num_preempted: int = 0,
+    ) -> None:
+        self.duration_s = duration_s
+        self.num_scheduled_tokens = num_scheduled_tokens
+        self.arithmetic_intensity = arithmetic_intensity
+        self.num_preempted = num_preempted
+        self._init_lazy(outputs if outputs is not None else [])
+
+    def __repr__(self) -> str:
+        return (
+            f"StepOutput(duration_s={self.duration_s!r}, outputs={self.outputs!r}, "
+            f"num_scheduled_tokens={self.num_scheduled_tokens!r}, "
+            f"arithmetic_intensity={self.arithmetic_intensity!r}, num_preempted={self.num_preempted!r})"
+        )
+
+
+class JumpOutput(_LazyOutputs):
+    """k pure-decode steps at once; `outputs` has one entry per request with k new tokens."""
+
+    __slots__ = ("arithmetic_intensity", "duration_s", "num_scheduled_tokens", "num_steps")
+
+    def __init__(
+        self,
+        num_steps: int,
+        duration_s: float,
+        outputs: list[RequestOutput] | None,
+        num_scheduled_tokens: int,
+        arithmetic_intensity: float,
+    ) -> None:
+        self.num_steps = num_steps
+        self.duration_s = duration_s
+        self.num_scheduled_tokens = num_scheduled_tokens
+        # Aggregate FLOPs / bytes over the k steps.
+        self.arithmetic_intensity = arithmetic_intensity
+        self._init_lazy(outputs if outputs is not None else [])
+
+    def __repr__(self) -> str:
+        return (
+            f"JumpOutput(num_steps={self.num_steps!r}, duration_s={self.duration_s!r}, "
+            f"outputs={self.outputs!r}, num_scheduled_tokens={self.num_scheduled_tokens!r}, "
+            f"arithmetic_intensity={self.arithmetic_intensity!r})"
+        )
 
 
 class _Request:
@@ -79,6 +223,7 @@ class _Request:
         "blocks",
         "hashes",
         "max_new_tokens",
+        "n_prompt",
         "num_cached_blocks",
         "num_cached_tokens",
         "num_computed",
@@ -93,6 +238,7 @@ class _Request:
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
+        self.n_prompt = len(prompt)
         self.max_new_tokens = max_new_tokens
         self.seed = seed
         # Chained hashes of full blocks of prompt + output known so far (prefix of the sequence).
@@ -107,7 +253,7 @@ class _Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt) + self.num_output
+        return self.n_prompt + self.num_output
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -146,6 +292,16 @@ class SimEngine:
         self._ewma_tokens = 0.0
         self._last_intensity = 0.0
         self._steps = 0
+        # Whether every running request is decoding (its newest token is the only one not
+        # computed) and, when it is, the attended-context sum of that decode batch,
+        # sum(num_computed + 1). Both are kept up to date by the decode paths (step fast
+        # path, jump) and recomputed lazily (_decode_state) after anything else.
+        self._decode_known = True
+        self._decode_only = True
+        self._ctx_sum = 0
+        # Bumped on every state change; steps_until_event() is cached against it.
+        self._version = 0
+        self._event_cache = (-1, 0)
 
     # -- requests -------------------------------------------------------------------
 
@@ -174,14 +330,17 @@ class SimEngine:
         req = _Request(request_id, prompt, max_new_tokens, seed, hashes)
         self._requests[request_id] = req
         self._waiting.append(req)
+        self._version += 1
 
     def abort(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
+        self._version += 1
         if req.blocks:
             self._running.remove(req)
             self._release(req)
+            self._decode_known = False
         else:
             self._waiting.remove(req)
         return True
@@ -199,17 +358,19 @@ class SimEngine:
 
     # -- block bookkeeping ------------------------------------------------------------
 
-    def _token_at(self, req: _Request, pos: int) -> int:
-        n_prompt = len(req.prompt)
-        return req.prompt[pos] if pos < n_prompt else self.tokenizer.sample(req.seed, pos - n_prompt)
-
     def _ensure_hashes(self, req: _Request, n_blocks: int) -> None:
-        bs = self.block_size
         hashes = req.hashes
-        while len(hashes) < n_blocks:
-            i = len(hashes)
-            tokens = [self._token_at(req, p) for p in range(i * bs, (i + 1) * bs)]
-            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, tokens))
+        have = len(hashes)
+        if have >= n_blocks:
+            return
+        bs = self.block_size
+        lo, hi = have * bs, n_blocks * bs
+        n_prompt = req.n_prompt
+        tokens = req.prompt[lo:hi]
+        if hi > n_prompt:
+            start = max(lo - n_prompt, 0)
+            tokens += self.tokenizer.sample_many(req.seed, start, hi - n_prompt - start)
+        hashes += block_hashes(tokens, bs, hashes[-1] if hashes else None)
 
     def _cache_computed_blocks(self, req: _Request) -> None:
         """Register req's full, computed blocks in the prefix cache.
@@ -226,8 +387,8 @@ class SimEngine:
         if target <= req.num_cached_blocks:
             return
         self._ensure_hashes(req, target)
-        for i in range(req.num_cached_blocks, target):
-            self.pool.cache_block(req.blocks[i], req.hashes[i])
+        start = req.num_cached_blocks
+        self.pool.cache_blocks(req.blocks[start:target], req.hashes[start:target])
         req.num_cached_blocks = target
 
     def _release(self, req: _Request) -> None:
@@ -261,7 +422,142 @@ class SimEngine:
 
     # -- stepping ---------------------------------------------------------------------
 
+    def _decode_state(self) -> bool:
+        """True when every running request is decoding; refreshes _ctx_sum when unknown."""
+        if not self._decode_known:
+            running = self._running
+            self._decode_only = all(r.num_computed == r.n_prompt + r.num_output - 1 for r in running)
+            self._ctx_sum = sum(r.num_computed for r in running) + len(running)
+            self._decode_known = True
+        return self._decode_only
+
     def step(self) -> StepOutput:
+        self._version += 1
+        batch = len(self._running)
+        # Pure decode of the running batch (admissions may follow): every request needs one
+        # token of budget and at most one new block, so nothing can be preempted.
+        if (
+            batch
+            and batch <= self.config.max_num_batched_tokens
+            and batch <= self.pool.num_free
+            and self._decode_state()
+        ):
+            return self._decode_step()
+        return self._general_step()
+
+    def _decode_step(self) -> StepOutput:
+        """step() when all running requests decode: the same schedule, allocations, pricing and
+        outputs as _general_step, with O(1) work per request and the context sum kept
+        incrementally."""
+        cfg = self.config
+        pool = self.pool
+        bs = self.block_size
+        running = self._running
+        batch = len(running)
+        ctx = self._ctx_sum
+        counts: list[int] = []
+        count = counts.append
+        finished: list[_Request] = []
+        for r in running:
+            c = r.num_computed
+            # The token at position c opens a new block (blocks always cover num_computed).
+            if not c % bs and len(r.blocks) * bs <= c:
+                r.blocks.append(pool.allocate_one())
+            r.num_computed = c + 1
+            n = r.num_output + 1
+            r.num_output = n
+            count(n)
+            if n >= r.max_new_tokens:
+                finished.append(r)
+        decoders = running[:batch]
+
+        budget = cfg.max_num_batched_tokens - batch
+        admitted: list[tuple[_Request, int]] = []
+        if self._waiting and batch < cfg.max_num_seqs and budget > 0:
+            budget = self._admit(admitted, budget)
+
+        if admitted:
+            cost = self._price(admitted, ctx, batch)
+        else:
+            cost = step_cost(
+                self.gpu, self.model_profile, cfg.tp, ctx, batch, 0, 0, prefill_attention_pairs=0.0
+            )
+        ctx += batch
+        for r in finished:
+            ctx -= r.num_computed + 1
+            self._finish(r)
+        self._ctx_sum = ctx
+        tail: list[RequestOutput] | None = None
+        any_finished = bool(finished)
+        if admitted:
+            tail = []
+            any_finished |= self._apply(admitted, tail)
+            # _apply leaves the decode state unknown when a chunk stops short of the prompt end.
+        if any_finished:
+            self._running = [r for r in running if r.blocks]
+        num_outputs = batch + (len(tail) if tail else 0)
+        self._record(cost.seconds, num_outputs, cost.arithmetic_intensity, 1)
+        out = StepOutput(cost.seconds, None, cfg.max_num_batched_tokens - budget, cost.arithmetic_intensity)
+        out._init_lazy(None, decoders, counts, 1, True, tail, self.tokenizer)
+        return out
+
+    def _admit(self, scheduled: list[tuple[_Request, int]], budget: int) -> int:
+        """Admit waiting requests FCFS while they fit; append (req, tokens) to scheduled and
+        return the budget left."""
+        cfg = self.config
+        pool = self.pool
+        running = self._running
+        waiting = self._waiting
+        while waiting and len(running) < cfg.max_num_seqs and budget > 0:
+            req = waiting[0]
+            plan = self._plan_admission(req, budget)
+            if plan is None:
+                break
+            hits, n, new_blocks = plan
+            waiting.popleft()
+            pool.touch(hits)
+            req.blocks = hits + pool.allocate(new_blocks)
+            req.num_cached_blocks = len(hits)
+            req.num_computed = len(hits) * self.block_size
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = req.num_computed
+                self._prompt_tokens_queried += req.n_prompt
+                self._prompt_tokens_hit += req.num_computed
+            running.append(req)
+            scheduled.append((req, n))
+            budget -= n
+        return budget
+
+    def _apply(self, scheduled: list[tuple[_Request, int]], outputs: list[RequestOutput]) -> bool:
+        """Advance scheduled requests by their tokens, sample where a request reaches its end,
+        finish those at their limit. Keeps _ctx_sum/_decode_only exact when they were known and
+        every scheduled request was a prefill admission; returns whether any finished."""
+        any_finished = False
+        for req, n in scheduled:
+            was_prefill = not (n == 1 and req.num_computed == req.num_tokens - 1)
+            req.num_computed += n
+            if was_prefill:
+                self._cache_computed_blocks(req)
+            if req.num_computed < req.num_tokens:
+                # A prefill chunk that does not reach the end samples nothing. One that stops
+                # one token short leaves a request the decode path can finish like any other.
+                if req.num_computed == req.num_tokens - 1:
+                    self._ctx_sum += req.num_computed + 1
+                else:
+                    self._decode_only = False
+                continue
+            token = self.tokenizer.sample(req.seed, req.num_output)
+            req.num_output += 1
+            finished = req.num_output >= req.max_new_tokens
+            outputs.append(self._output(req, [token], 1, finished))
+            if finished:
+                any_finished = True
+                self._finish(req)
+            else:
+                self._ctx_sum += req.num_computed + 1
+        return any_finished
+
+    def _general_step(self) -> StepOutput:
         cfg = self.config
         pool = self.pool
         budget = cfg.max_num_batched_tokens
@@ -291,57 +587,25 @@ class SimEngine:
             budget -= n
             i += 1
 
-        if preempted == 0:
-            waiting = self._waiting
-            while waiting and len(running) < cfg.max_num_seqs and budget > 0:
-                req = waiting[0]
-                plan = self._plan_admission(req, budget)
-                if plan is None:
-                    break
-                hits, n, new_blocks = plan
-                waiting.popleft()
-                pool.touch(hits)
-                req.blocks = hits + pool.allocate(new_blocks)
-                req.num_cached_blocks = len(hits)
-                req.num_computed = len(hits) * self.block_size
-                if req.num_cached_tokens < 0:
-                    req.num_cached_tokens = req.num_computed
-                    self._prompt_tokens_queried += len(req.prompt)
-                    self._prompt_tokens_hit += req.num_computed
-                running.append(req)
-                scheduled.append((req, n))
-                budget -= n
+        if preempted == 0 and self._waiting:
+            budget = self._admit(scheduled, budget)
+        self._decode_known = False
 
         if not scheduled:
             return StepOutput(0.0, [], 0, 0.0, preempted)
 
         cost = self._price(scheduled)
         outputs: list[RequestOutput] = []
-        any_finished = False
-        for req, n in scheduled:
-            was_prefill = not (n == 1 and req.num_computed == req.num_tokens - 1)
-            req.num_computed += n
-            if was_prefill:
-                self._cache_computed_blocks(req)
-            if req.num_computed < req.num_tokens:
-                continue  # a prefill chunk that does not reach the end samples nothing
-            token = self.tokenizer.sample(req.seed, req.num_output)
-            req.num_output += 1
-            finished = req.num_output >= req.max_new_tokens
-            outputs.append(self._output(req, [token], 1, finished))
-            if finished:
-                any_finished = True
-                self._finish(req)
-        if any_finished:
+        if self._apply(scheduled, outputs):
             self._running = [r for r in running if r.blocks]
 
         num_scheduled = cfg.max_num_batched_tokens - budget
         self._record(cost.seconds, len(outputs), cost.arithmetic_intensity, 1)
         return StepOutput(cost.seconds, outputs, num_scheduled, cost.arithmetic_intensity, preempted)
 
-    def _price(self, scheduled: list[tuple[_Request, int]]) -> StepCost:
-        decode_ctx = 0
-        num_decode = 0
+    def _price(
+        self, scheduled: list[tuple[_Request, int]], decode_ctx: int = 0, num_decode: int = 0
+    ) -> StepCost:
         prefill_new = 0
         prefill_ctx = 0
         pairs = 0.0
@@ -370,7 +634,7 @@ class SimEngine:
             request_id=req.request_id,
             new_token_ids=ids,
             num_new_tokens=n,
-            num_prompt_tokens=len(req.prompt),
+            num_prompt_tokens=req.n_prompt,
             num_cached_tokens=req.num_cached_tokens,
             num_output_tokens=req.num_output,
             finished=finished,
@@ -407,12 +671,20 @@ class SimEngine:
         """Pure-decode steps that can run before anything changes the batch: a request
         finishing (the last of these steps may finish some), the pool running out of blocks
         (which would preempt), or a waiting request becoming admissible. 0 means call step()."""
+        version, cached = self._event_cache
+        if version == self._version:
+            return cached
+        k = self._steps_until_event()
+        self._event_cache = (self._version, k)
+        return k
+
+    def _steps_until_event(self) -> int:
         running = self._running
         cfg = self.config
         batch = len(running)
         if batch == 0 or batch > cfg.max_num_batched_tokens:
             return 0
-        if any(r.num_computed != r.num_tokens - 1 for r in running):
+        if not self._decode_state():
             return 0  # something is still prefilling
         k_finish = min(r.max_new_tokens - r.num_output for r in running)
         if self._waiting and batch < cfg.max_num_seqs:
@@ -433,36 +705,61 @@ class SimEngine:
                 hi = mid
         return lo
 
+    def steps_within(self, seconds: float) -> int:
+        """How many pure-decode steps of the current batch fit in `seconds` of engine time:
+        the largest n whose total duration (as jump(n) would price it) is <= seconds.
+
+        It ignores events, so cap it with steps_until_event(): a driver that must react to an
+        arrival at time t runs min(steps_until_event(), 1 + steps_within(t - now)) steps (the
+        last one is the step in flight when the request arrives). 0 when nothing decodes."""
+        running = self._running
+        if not running or seconds <= 0 or not self._decode_state():
+            return 0
+        return decode_steps_within(
+            self.gpu, self.model_profile, self.config.tp, len(running), self._ctx_sum, seconds
+        )
+
     def jump(self, k: int, collect_tokens: bool = False) -> JumpOutput:
         """Advance k pure-decode steps at once; equivalent to k step() calls (same tokens,
-        block counts and, to float rounding, duration) in O(batch) unless tokens are collected."""
+        block counts and, to float rounding, duration) in O(batch); token ids are derived
+        only if collect_tokens and `outputs` is read."""
         limit = self.steps_until_event()
         if not 1 <= k <= limit:
             raise ValueError(f"jump({k}) not possible: {limit} pure-decode steps available")
+        self._version += 1
         running = self._running
         batch = len(running)
         bs = self.block_size
-        contexts0 = sum(r.num_computed + 1 for r in running)
-        cost = decode_run_cost(self.gpu, self.model_profile, self.config.tp, batch, contexts0, k)
-        outputs: list[RequestOutput] = []
-        finished_any = False
+        pool = self.pool
+        ctx = self._ctx_sum
+        cost = decode_run_cost(self.gpu, self.model_profile, self.config.tp, batch, ctx, k)
+        counts: list[int] = []
+        count = counts.append
+        finished: list[_Request] = []
         for r in running:
-            extra = _cdiv(r.num_computed + k, bs) - len(r.blocks)
+            c = r.num_computed + k
+            extra = -(-c // bs) - len(r.blocks)
             if extra > 0:
-                r.blocks.extend(self.pool.allocate(extra))
-            start = r.num_output
-            r.num_computed += k
-            r.num_output += k
-            ids = self.tokenizer.sample_many(r.seed, start, k) if collect_tokens else []
-            finished = r.num_output >= r.max_new_tokens
-            outputs.append(self._output(r, ids, k, finished))
-            if finished:
-                finished_any = True
-                self._finish(r)
-        if finished_any:
+                r.blocks.extend(pool.allocate(extra))
+            r.num_computed = c
+            n = r.num_output + k
+            r.num_output = n
+            count(n)
+            if n >= r.max_new_tokens:
+                finished.append(r)
+        reqs = running[:]
+        # As with k single steps, requests finish only in the last step, after all allocations.
+        ctx += batch * k
+        for r in finished:
+            ctx -= r.num_computed + 1
+            self._finish(r)
+        self._ctx_sum = ctx
+        if finished:
             self._running = [r for r in running if r.blocks]
         self._record(cost.seconds / k, batch, cost.arithmetic_intensity, k)
-        return JumpOutput(k, cost.seconds, outputs, batch * k, cost.arithmetic_intensity)
+        out = JumpOutput(k, cost.seconds, None, batch * k, cost.arithmetic_intensity)
+        out._init_lazy(None, reqs, counts, k, collect_tokens, None, self.tokenizer)
+        return out
 
     # -- observability ----------------------------------------------------------------
 

@@ -219,3 +219,56 @@ def decode_run_cost(
     per_step_fixed = gpu.step_overhead_s + _comm_seconds(gpu, model, tp, batch)
     seconds = k * per_step_fixed + segment(0, split) + segment(split, k)
     return StepCost(seconds, _series(flops0, flops_slope, 0, k), _series(bytes0, bytes_slope, 0, k))
+
+
+def _series_count(first: float, slope: float, budget: float) -> int:
+    """Largest n >= 0 with sum_{j<n} (first + slope*j) <= budget (first > 0, slope >= 0)."""
+    if slope <= 0.0:
+        return int(budget // first)
+    half = slope / 2.0
+    b = first - half
+    return int((-b + math.sqrt(b * b + 4.0 * half * budget)) / (2.0 * half))
+
+
+def decode_steps_within(
+    gpu: GpuProfile, model: ModelProfile, tp: int, batch: int, contexts_sum0: float, seconds: float
+) -> int:
+    """Largest n such that n consecutive pure-decode steps (as in decode_run_cost) take at most
+    `seconds` in total: the steps of a fixed batch that fit before a deadline.
+
+    Each step costs fixed + max(memory line, compute line), both affine in the step index, so
+    the run costs at least the arithmetic series of either line alone; the smaller of the two
+    closed-form solutions bounds n from above and is exact within one regime. It is then
+    checked (and, across a regime change or float rounding, corrected) against decode_run_cost.
+    """
+    if batch <= 0 or seconds <= 0:
+        return 0
+    kvb = kv_bytes_per_token(model)
+    mem_rate = gpu.eta_bw * gpu.hbm_bandwidth * tp
+    comp_rate = gpu.eta_compute * gpu.peak_flops * tp
+    attn = _attention_flops_per_pair(model)
+    fixed = gpu.step_overhead_s + _comm_seconds(gpu, model, tp, batch)
+    m0 = (weight_bytes_read(model, batch) + kvb * contexts_sum0) / mem_rate
+    c0 = (2.0 * model.active_params * batch + attn * contexts_sum0) / comp_rate
+    guess = min(
+        _series_count(fixed + m0, kvb * batch / mem_rate, seconds),
+        _series_count(fixed + c0, attn * batch / comp_rate, seconds),
+    )
+
+    def fits(n: int) -> bool:
+        return n <= 0 or decode_run_cost(gpu, model, tp, batch, contexts_sum0, n).seconds <= seconds
+
+    if fits(guess):
+        lo = guess
+        hi = guess + 1
+        while fits(hi):  # only float rounding lands here; gallop up
+            lo, hi = hi, hi + (hi - guess) + 1
+    else:
+        lo, hi = 0, guess
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

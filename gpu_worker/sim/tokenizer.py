@@ -112,7 +112,29 @@ class SimTokenizer:
         return self._word_ids[(h >> 8) % len(self._word_ids)]
 
     def sample_many(self, seed: int, start: int, count: int) -> list[int]:
-        return [self.sample(seed, p) for p in range(start, start + count)]
+        """[sample(seed, p) for p in range(start, start + count)], with the mixing inlined
+        (this runs for every generated token when a finished answer's blocks are hashed)."""
+        mask = _MASK64
+        base = (seed & mask) * 0x100000001B3 + 0x9E3779B97F4A7C15
+        words = self._word_ids
+        n_words = len(words)
+        period, comma = self._period_id, self._comma_id
+        out: list[int] = []
+        append = out.append
+        for p in range(start, start + count):
+            x = (base + p) & mask
+            x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+            x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+            h = x ^ (x >> 31)
+            if p > 0:
+                if h % _PERIOD_EVERY == 0:
+                    append(period)
+                    continue
+                if h % _COMMA_EVERY == 0:
+                    append(comma)
+                    continue
+            append(words[(h >> 8) % n_words])
+        return out
 
 
 def render_chat(messages: Sequence[ChatMessage], assistant_prefix: str = "") -> str:

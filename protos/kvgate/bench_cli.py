@@ -7,6 +7,7 @@ import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": ("gpu_worker.bench", "simulated engine cost: steps per CPU second, jump speed-up"),
+    "placement": ("scheduler.bench", "placement latency/throughput of scheduler replicas on real Redis"),
 }
 
 

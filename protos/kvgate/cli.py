@@ -16,10 +16,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("gateway.cli", "run the public Chat API gateway"),
     "scheduler": ("scheduler.cli", "run a scheduler replica (placement, pins, telemetry ingest)"),
     "worker": ("gpu_worker.cli", "run one GPU worker (simulated or vLLM engine)"),
+    "status": ("scheduler.status_cli", "live view of the fleet: KV use, batch, pins, shedding (or --json)"),
     "chat": ("gateway.chat_cli", "chat with the fleet through a gateway"),
+    "keys": ("gateway.keys_cli", "manage the gateway's API keys (create, list, revoke, quarantine)"),
     "engine-profile": ("gpu_worker.engine_profile_cli", "KV capacity and roofline step times of a GPU/model"),
     "bench": ("kvgate.bench_cli", "benchmarks (engine, ...)"),
     "health": ("kvgate.health_cli", "check a kvgate service's gRPC health (exit 0 when SERVING)"),
+    "sim": ("scheduler.fleetsim.cli", "simulate a fleet on a trace: compare placement policies (or --json)"),
 }
 
 

@@ -8,7 +8,6 @@ calls; tests start and stop services in-process through the same methods.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -109,12 +108,14 @@ class BackgroundTasks:
             await asyncio.wait(self._tasks, timeout=timeout_s)
         await self.cancel_all()
 
-    async def cancel_all(self) -> None:
+    async def cancel_all(self, timeout_s: float = 5.0) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            # Bounded: a library that swallows cancellation must not hang shutdown.
+            _, stuck = await asyncio.wait(self._tasks, timeout=timeout_s)
+            for task in stuck:
+                log.warning("background task %s did not stop within %.0fs", task.get_name(), timeout_s)
         self._tasks.clear()
 
 

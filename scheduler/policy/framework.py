@@ -6,9 +6,10 @@ or a Scorer (how good is it, in [0, 1]?), added to a Pipeline with a weight.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 from scheduler.policy.model import FleetView, PlacementRequest, WorkerView
 
@@ -18,6 +19,10 @@ class Filter(Protocol):
     def name(self) -> str: ...
 
     def keep(self, request: PlacementRequest, worker: WorkerView, fleet: FleetView) -> bool: ...
+
+
+# A filter may also define `select(request, workers, fleet) -> list[WorkerView]`, the same test
+# over a whole list; the Pipeline uses it when present (see signals.py for why).
 
 
 class Scorer(Protocol):
@@ -37,22 +42,91 @@ class WeightedScorer:
     weight: float
 
 
+_Selector = Callable[[PlacementRequest, Sequence[WorkerView], FleetView], list[WorkerView]]
+
+
 @dataclass(frozen=True)
 class Pipeline:
     filters: Sequence[Filter]
     scorers: Sequence[WeightedScorer]
+    # Per filter, a whole-list selector: the filter's own `select` when it has one (one
+    # comprehension per filter), else a comprehension over `keep`. Built once, not per call.
+    _selectors: tuple[_Selector, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_selectors", tuple(_selector(f) for f in self.filters))
+
+    def keeps(self, request: PlacementRequest, worker: WorkerView, fleet: FleetView) -> bool:
+        """Whether one worker passes every filter."""
+        return all(f.keep(request, worker, fleet) for f in self.filters)
 
     def feasible(self, request: PlacementRequest, fleet: FleetView) -> list[WorkerView]:
-        return [w for w in fleet.workers.values() if all(f.keep(request, w, fleet) for f in self.filters)]
+        # Filter by filter rather than worker by worker: each pass shrinks the list (put cheap,
+        # selective filters first) and costs one comprehension instead of a generator per worker.
+        workers: Sequence[WorkerView] = list(fleet.workers.values())
+        for select in self._selectors:
+            if not workers:
+                break
+            workers = select(request, workers, fleet)
+        return list(workers)
+
+    def totals(
+        self, request: PlacementRequest, workers: Sequence[WorkerView], fleet: FleetView
+    ) -> list[float]:
+        """Weighted score per worker; zero-weight scorers are not evaluated at all."""
+        totals: list[float] | None = None
+        for weighted in self.scorers:
+            weight = weighted.weight
+            if weight == 0.0:
+                continue
+            scores = weighted.scorer.score(request, workers, fleet)
+            if totals is None:
+                totals = [weight * s for s in scores]
+            else:
+                totals = [t + weight * s for t, s in zip(totals, scores, strict=True)]
+        return totals if totals is not None else [0.0] * len(workers)
 
     def rank(self, request: PlacementRequest, fleet: FleetView) -> list[WorkerView]:
         """Feasible workers, best first; ties broken by worker id so decisions are deterministic."""
+        return self.top(request, fleet, None)
+
+    def top(self, request: PlacementRequest, fleet: FleetView, k: int | None) -> list[WorkerView]:
+        """The best k feasible workers (all of them if k is None), best first, ties by worker id.
+
+        Linear in the fleet for a small k: the k-th best total is found with a heap, and only
+        workers scoring at least that much are sorted.
+        """
         workers = self.feasible(request, fleet)
-        if len(workers) <= 1:
+        n = len(workers)
+        if n <= 1:
             return workers
-        totals = [0.0] * len(workers)
-        for weighted in self.scorers:
-            for i, s in enumerate(weighted.scorer.score(request, workers, fleet)):
-                totals[i] += weighted.weight * s
-        order = sorted(range(len(workers)), key=lambda i: (-totals[i], workers[i].worker_id))
-        return [workers[i] for i in order]
+        totals = self.totals(request, workers, fleet)
+        if k is None or k >= n:
+            chosen: list[int] = list(range(n))
+        else:
+            if k <= 0:
+                return []
+            chosen = heapq.nlargest(k, range(n), key=totals.__getitem__)
+            kth = totals[chosen[-1]]
+            if totals.count(kth) > sum(1 for i in chosen if totals[i] == kth):
+                # Workers tied with the k-th best but left out: the id tie-break must see all of
+                # them, or the choice would depend on the fleet's iteration order.
+                chosen = [i for i in range(n) if totals[i] >= kth]
+        chosen.sort(key=lambda i: (-totals[i], workers[i].worker_id))
+        if k is not None:
+            del chosen[k:]
+        return [workers[i] for i in chosen]
+
+
+def _selector(f: Filter) -> _Selector:
+    select = getattr(f, "select", None)
+    if callable(select):
+        return cast(_Selector, select)
+    keep = f.keep
+
+    def by_keep(
+        request: PlacementRequest, workers: Sequence[WorkerView], fleet: FleetView
+    ) -> list[WorkerView]:
+        return [w for w in workers if keep(request, w, fleet)]
+
+    return by_keep

@@ -1,51 +1,170 @@
 """kvgate's placement policy: keep sessions on the worker holding their KV cache, else balance
-the fleet by free KV tokens, and shed honestly when nothing fits."""
+the fleet by free KV tokens, and shed honestly (lowest tiers first) when nothing fits."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from scheduler.policy.framework import Pipeline, WeightedScorer
-from scheduler.policy.model import Decision, FleetView, Placed, PlacementRequest, Shed
-from scheduler.policy.signals import AcceptsNewSessions, Alive, Fits, FreeTokensAfterPlacement, ServesModel
+from scheduler.policy.config import KvgateConfig
+from scheduler.policy.framework import Filter, Pipeline, WeightedScorer
+from scheduler.policy.model import Decision, FleetView, Placed, PlacementRequest, Shed, WorkerState
+from scheduler.policy.signals import (
+    AcceptsNewSessions,
+    Alive,
+    BatchSweetSpot,
+    Fits,
+    FreeTokensAfterPlacement,
+    PrefixAffinity,
+    SameRegion,
+    ServesModel,
+    spare_tokens,
+)
 
 # When the fleet reports no throughput yet (idle or just started), assume one typical
 # decode stream frees this many tokens per second per worker.
 _IDLE_DRAIN_TOKENS_PER_S = 1000.0
+# Stands in for a zero rate in divisions: a worker that reports no throughput frees nothing, so
+# waiting on it costs (practically) forever.
+_MIN_RATE = 1e-6
 MIN_RETRY_AFTER_S = 0.25
 MAX_RETRY_AFTER_S = 30.0
+# Retry hint when no live worker could ever take the request (model not served, all draining):
+# long enough not to hammer the scheduler, short enough to catch a worker coming up.
+_NO_WORKER_RETRY_S = MAX_RETRY_AFTER_S / 6
 
 
-def _default_pipeline() -> Pipeline:
+def default_filters(config: KvgateConfig) -> tuple[Filter, ...]:
+    """The feasibility filters every policy shares (kvgate and the baselines), cheapest and most
+    selective first: each one only sees the workers the previous ones kept."""
+    return (ServesModel(), Alive(), AcceptsNewSessions(), Fits(tier_headroom=config.tier_headroom))
+
+
+def default_pipeline(config: KvgateConfig) -> Pipeline:
     return Pipeline(
-        filters=(ServesModel(), Alive(), AcceptsNewSessions(), Fits()),
-        scorers=(WeightedScorer(FreeTokensAfterPlacement(), 1.0),),
+        filters=default_filters(config),
+        scorers=(
+            WeightedScorer(FreeTokensAfterPlacement(), config.free_tokens_weight),
+            WeightedScorer(PrefixAffinity(), config.prefix_weight),
+            WeightedScorer(BatchSweetSpot(config.batch_knee, config.waiting_penalty), config.batch_weight),
+            WeightedScorer(SameRegion(), config.region_weight),
+        ),
     )
 
 
-@dataclass
 class KvgatePolicy:
-    name: str = "kvgate"
-    pipeline: Pipeline = field(default_factory=_default_pipeline)
+    def __init__(
+        self, name: str = "kvgate", pipeline: Pipeline | None = None, config: KvgateConfig | None = None
+    ) -> None:
+        self.name = name
+        self.config = config if config is not None else KvgateConfig()
+        self.pipeline = pipeline if pipeline is not None else default_pipeline(self.config)
 
     def place(self, request: PlacementRequest, fleet: FleetView) -> Decision:
-        ranked = [w.worker_id for w in self.pipeline.rank(request, fleet)]
-        pinned = request.pinned_worker
-        if pinned is not None and pinned in ranked:
-            # The pinned worker holds the session's KV: a hit beats any balance gain.
-            ranked.remove(pinned)
-            ranked.insert(0, pinned)
-        if not ranked:
-            return self._shed(request, fleet)
-        return Placed(candidates=ranked, pinned_worker=pinned)
+        k = max(1, self.config.max_candidates)
+        pinned_id = request.pinned_worker
+        pinned = fleet.workers.get(pinned_id) if pinned_id is not None else None
+        if pinned_id is None or pinned is None:
+            ranked = self.pipeline.top(request, fleet, k)
+            if not ranked:
+                return estimate_shed(request, fleet, self.config)
+            return Placed(candidates=[w.worker_id for w in ranked], pinned_worker=pinned_id)
 
-    def _shed(self, request: PlacementRequest, fleet: FleetView) -> Shed:
-        serving = [w for w in fleet.workers.values() if w.model == request.model and fleet.is_alive(w)]
-        if not serving:
-            return Shed(retry_after_s=MAX_RETRY_AFTER_S / 6, reason=f"no live worker serves {request.model}")
-        # Estimated from the fleet's drain rate: how long until the best worker frees enough.
-        best = max(serving, key=lambda w: w.free_tokens)
-        deficit = max(1, request.tokens_needed - best.free_tokens)
-        rate = best.tokens_per_s or _IDLE_DRAIN_TOKENS_PER_S
-        retry = min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, deficit / rate))
-        return Shed(retry_after_s=retry, reason="at capacity", details={"deficit_tokens": deficit})
+        # One spare slot: the pinned worker may be among the top k and is listed separately.
+        others = [w for w in self.pipeline.top(request, fleet, k + 1) if w.worker_id != pinned_id]
+        if self.pipeline.keeps(request, pinned, fleet):
+            # The pinned worker holds the session's KV: a hit beats any balance gain. The others
+            # stay as fallbacks in case the reservation there conflicts.
+            return Placed(
+                candidates=[pinned_id, *(w.worker_id for w in others[: k - 1])], pinned_worker=pinned_id
+            )
+
+        wait_s = self._pinned_wait_s(request, fleet)
+        if wait_s is not None:
+            if others:
+                best = others[0]
+                cached = request.prefix_hit_blocks.get(best.worker_id, 0) * best.block_size
+                history = request.recompute_tokens
+                # Moving costs prefilling the history again (minus any prefix the new worker
+                # already caches), after the requests queued there: about one engine step each,
+                # since chunked prefill admits roughly one waiting request per step. A rough
+                # estimate on purpose; both sides are orders of magnitude apart when it matters.
+                recompute_s = (
+                    max(0, history - cached) / max(best.prefill_tokens_per_s, _MIN_RATE)
+                    + best.waiting * best.step_ms / 1000.0
+                )
+            else:
+                recompute_s = float("inf")
+            if wait_s < recompute_s:
+                return Placed(
+                    candidates=[pinned_id, *(w.worker_id for w in others[: k - 1])],
+                    pinned_worker=pinned_id,
+                    wait_for_pinned=True,
+                    expected_wait_s=wait_s,
+                )
+        if not others:
+            return estimate_shed(request, fleet, self.config)
+        return Placed(candidates=[w.worker_id for w in others[:k]], pinned_worker=pinned_id)
+
+    def _pinned_wait_s(self, request: PlacementRequest, fleet: FleetView) -> float | None:
+        """Seconds until the full pinned worker frees room for the request, or None if waiting
+        there is not an option (dead, excluded, draining, other model, too small, too long)."""
+        pinned_id = request.pinned_worker
+        assert pinned_id is not None
+        pinned = fleet.workers[pinned_id]
+        if (
+            pinned.model != request.model
+            or not fleet.is_alive(pinned)
+            or pinned_id in request.exclude_workers
+            # Draining: in-flight turns finish there, but the session's next turn moves (DESIGN).
+            or pinned.state != WorkerState.READY
+        ):
+            return None
+        headroom = self.config.headroom_fraction(request.tier)
+        need = request.tokens_needed
+        if pinned.capacity_tokens * (1.0 - headroom) < need:
+            return None  # it would never fit there, however long we wait
+        deficit = need - spare_tokens(fleet, pinned, headroom)
+        # Steady state: a worker frees KV about as fast as it produces tokens (finished
+        # sequences release what they used), so its throughput is its drain rate.
+        wait_s = max(0.0, deficit) / max(pinned.tokens_per_s, _MIN_RATE)
+        return wait_s if wait_s <= self.config.max_pin_wait_s else None
+
+
+def estimate_shed(request: PlacementRequest, fleet: FleetView, config: KvgateConfig) -> Shed:
+    """A shed decision with a retry hint: the time the fleet's drain rate needs to free the
+    deficit on the worker closest to fitting the request (with its tier's headroom)."""
+    tier = config.effective_tier(request.tier)
+    headroom = config.headroom_fraction(request.tier)
+    need = request.tokens_needed
+    model = request.model
+    excluded = request.exclude_workers
+    serving = 0
+    best_spare: float | None = None
+    drain = 0.0
+    for w in fleet.workers.values():
+        if w.model != model or not fleet.is_alive(w):
+            continue
+        serving += 1
+        if w.state != WorkerState.READY or w.worker_id in excluded:
+            continue
+        # Only workers that could take the request later count: room a draining or excluded
+        # worker frees does not help this request.
+        drain += w.tokens_per_s
+        spare = spare_tokens(fleet, w, headroom)
+        if best_spare is None or spare > best_spare:
+            best_spare = spare
+    if serving == 0:
+        return Shed(retry_after_s=_NO_WORKER_RETRY_S, reason=f"no live worker serves {model}", tier=tier)
+    if best_spare is None:
+        return Shed(
+            retry_after_s=_NO_WORKER_RETRY_S, reason=f"no worker serving {model} accepts it", tier=tier
+        )
+    deficit = max(1.0, need - best_spare)
+    # The whole fleet's drain rate against one worker's deficit is optimistic (that worker frees
+    # only its share), on purpose: a retry that is shed again costs one cheap placement, not GPU.
+    rate = drain if drain > 0 else _IDLE_DRAIN_TOKENS_PER_S * serving
+    retry = min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, deficit / rate))
+    return Shed(
+        retry_after_s=retry,
+        reason="at capacity",
+        details={"deficit_tokens": deficit, "drain_tokens_per_s": rate, "headroom_fraction": headroom},
+        tier=tier,
+    )

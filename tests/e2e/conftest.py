@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ class ComposeFleet:
     project: str
     gateway: str
     env: dict[str, str]
+    api_key: str = ""
 
     def compose(
         self, *args: str, check: bool = True, timeout: float = 300
@@ -48,6 +51,21 @@ class ComposeFleet:
             check=check,
             timeout=timeout,
         )
+
+
+def _create_key(fleet: ComposeFleet) -> str:
+    """An API key minted inside the gateway container, the way an operator would."""
+    deadline = time.monotonic() + 120
+    while True:
+        result = fleet.compose(
+            "exec", "-T", "gateway", "kvgate", "keys", "create", "--tenant", "e2e", "--tier", "plus",
+            check=False, timeout=60,
+        )  # fmt: skip
+        if result.returncode == 0 and result.stdout.strip():
+            return result.stdout.strip()
+        if time.monotonic() > deadline:
+            pytest.fail(f"could not create an API key in the gateway container:\n{result.stderr}")
+        time.sleep(1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -65,7 +83,7 @@ def compose_fleet() -> Iterator[ComposeFleet]:
     try:
         if up.returncode != 0:
             pytest.fail(f"compose up failed:\n{up.stdout}\n{up.stderr}")
-        yield fleet
+        yield dataclasses.replace(fleet, api_key=_create_key(fleet))
     finally:
         logs = fleet.compose("logs", "--no-color", "--tail", "40", check=False)
         print(logs.stdout[-20000:])

@@ -16,8 +16,9 @@ def kvgate(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]
 
 def test_conversation_streams_through_the_compose_fleet_and_stays_pinned(compose_fleet: ComposeFleet) -> None:
     # --wait rides out the fleet's start-up (workers registering) the way a user would.
-    first = kvgate("chat", "--gateway", compose_fleet.gateway, "--wait", "120", "-v", "--max-tokens", "32",
-                   "Hello from the e2e test")  # fmt: skip
+    key = ("--api-key", compose_fleet.api_key)
+    first = kvgate("chat", "--gateway", compose_fleet.gateway, *key, "--wait", "120", "-v",
+                   "--max-tokens", "32", "Hello from the e2e test")  # fmt: skip
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip(), "no reply text streamed"
     summary = first.stderr.strip().splitlines()[-1]
@@ -26,7 +27,9 @@ def test_conversation_streams_through_the_compose_fleet_and_stays_pinned(compose
     assert worker in ("us-1", "eu-1"), summary
     assert "engine sim" in summary and "completion 32" in summary
 
-    second = kvgate("chat", "--gateway", compose_fleet.gateway, "--session", session_id, "-v", "And again?")
+    second = kvgate(
+        "chat", "--gateway", compose_fleet.gateway, *key, "--session", session_id, "-v", "And again?"
+    )
     assert second.returncode == 0, second.stderr
     summary2 = second.stderr.strip().splitlines()[-1]
     assert f"worker {worker} " in summary2, (summary, summary2)

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
-from tests.integration.containers import MosquittoServer, RedisServer
+from kvgate.containers import MosquittoServer, RedisServer
 from tests.integration.fleet import Fleet
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")

@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+import redis.asyncio as redis
 
+from gateway.auth import AuthMode
 from gateway.client import ChatClient
+from gateway.keystore import KeyStore
 from gateway.server import GatewayService, GatewaySettings
 from gpu_worker.server import WorkerService, WorkerSettings
+from kvgate.redis_conn import connect_redis
 from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler.server import SchedulerService, SchedulerSettings
 from scheduler.store import StoreSettings
@@ -23,6 +28,7 @@ class Fleet:
     workers: dict[str, WorkerService] = field(default_factory=dict)
     schedulers: list[SchedulerService] = field(default_factory=list)
     gateway: GatewayService | None = None
+    _redis: redis.Redis | None = None
 
     async def add_worker(self, worker_id: str, region: str, **overrides: object) -> WorkerService:
         settings = WorkerSettings(
@@ -53,31 +59,62 @@ class Fleet:
         self.schedulers.append(scheduler)
         return scheduler
 
-    async def start_control_plane(self, **store_overrides: float) -> None:
+    async def start_control_plane(
+        self,
+        *,
+        auth: AuthMode = AuthMode.OFF,
+        gateway_overrides: dict[str, Any] | None = None,
+        **store_overrides: float,
+    ) -> None:
+        """A scheduler and a gateway. Auth is off unless asked for: tests that are not about
+        keys call the gateway without one (as tenant "anonymous"); `create_key` makes keys."""
         await self.start_scheduler(**store_overrides)
         self.gateway = GatewayService(
             GatewaySettings(
-                listen="127.0.0.1:0", scheduler=self.scheduler.address, redis_url=self.redis_url, grace_s=2.0
+                listen="127.0.0.1:0",
+                scheduler=self.scheduler.address,
+                redis_url=self.redis_url,
+                grace_s=2.0,
+                auth=auth,
+                **(gateway_overrides or {}),
             )
         )
         await self.gateway.start()
 
     async def start(
-        self, workers: dict[str, tuple[str, int]], *, time_scale: float = 1.0, **store_overrides: float
+        self,
+        workers: dict[str, tuple[str, int]],
+        *,
+        time_scale: float = 1.0,
+        auth: AuthMode = AuthMode.OFF,
+        gateway_overrides: dict[str, Any] | None = None,
+        **store_overrides: float,
     ) -> None:
         """Workers {id: (region, KV blocks)}, a scheduler and a gateway; returns once all are ready."""
         for worker_id, (region, blocks) in workers.items():
             await self.add_worker(worker_id, region, num_gpu_blocks=blocks, time_scale=time_scale)
-        await self.start_control_plane(**store_overrides)
+        await self.start_control_plane(auth=auth, gateway_overrides=gateway_overrides, **store_overrides)
         await self.wait_for_workers(dict.fromkeys(workers, "ready"))
+
+    @property
+    def keys(self) -> KeyStore:
+        """The gateway's API key records (what `kvgate keys` edits)."""
+        if self._redis is None:
+            self._redis = connect_redis(self.redis_url)
+        return KeyStore(self._redis)
+
+    async def create_key(self, tenant: str, tier: str = "free", label: str = "") -> tuple[str, str]:
+        """A new API key for `tenant`: (key id, key)."""
+        new = await self.keys.create(tenant, tier, label)
+        return new.key_id, new.key
 
     @property
     def scheduler(self) -> SchedulerService:
         return self.schedulers[0]
 
-    def client(self) -> ChatClient:
+    def client(self, api_key: str = "") -> ChatClient:
         assert self.gateway is not None
-        return ChatClient(self.gateway.address)
+        return ChatClient(self.gateway.address, api_key=api_key)
 
     async def fleet_status(self) -> scheduler_pb2.FleetStatusResponse:
         async with grpc.aio.insecure_channel(self.scheduler.address) as channel:
@@ -106,3 +143,5 @@ class Fleet:
             await scheduler.stop()
         for worker in self.workers.values():
             await worker.stop()
+        if self._redis is not None:
+            await self._redis.aclose()

@@ -58,7 +58,7 @@ async def _reserved_tokens(redis_url: str, worker_ids: list[str]) -> dict[str, i
         out = {}
         for wid in worker_ids:
             values = await client.hvals(keys.worker_reservations(wid))
-            out[wid] = sum(int(v.decode().split(":")[0]) for v in values)
+            out[wid] = sum(int(v) for v in values)
         return out
     finally:
         await client.aclose()

@@ -12,9 +12,9 @@ import aiomqtt
 import grpc
 
 from kvgate import topics
+from kvgate.containers import MosquittoServer
 from kvgate.mqtt_url import MqttUrl
 from kvgate.v1 import telemetry_pb2, worker_pb2, worker_pb2_grpc
-from tests.integration.containers import MosquittoServer
 from tests.integration.fleet import Fleet
 
 OFFLINE = telemetry_pb2.WORKER_LIFECYCLE_OFFLINE

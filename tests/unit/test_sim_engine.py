@@ -7,7 +7,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpu_worker.engine import ChatMessage, EngineError
-from gpu_worker.sim import EngineConfig, SimEngine, SimTokenizer, render_chat
+from gpu_worker.sim import (
+    EngineConfig,
+    RequestOutput,
+    SimEngine,
+    SimTokenizer,
+    StepOutput,
+    decode_run_cost,
+    render_chat,
+)
 
 
 def make(**kw: object) -> SimEngine:
@@ -309,3 +317,79 @@ def test_block_accounting_never_leaks(
     run_to_end(engine)
     assert_drained(engine)
     assert engine.pool.num_free == blocks
+
+
+class _GeneralOnly(SimEngine):
+    """Reference: every step through the general scheduler loop (no decode fast path)."""
+
+    def step(self) -> StepOutput:
+        self._version += 1
+        return self._general_step()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"max_num_seqs": 3, "max_num_batched_tokens": 64},
+        {"num_gpu_blocks_override": 45, "block_size": 8},
+        {"enable_prefix_caching": False, "block_size": 8},
+    ],
+)
+def test_decode_fast_path_equals_general_step(kw: dict[str, object]) -> None:
+    cfg: dict[str, object] = {"gpu": "h100", "model": "llama-3-8b"}
+    cfg.update(kw)
+    fast, ref = SimEngine(EngineConfig(**cfg)), _GeneralOnly(EngineConfig(**cfg))  # type: ignore[arg-type]
+    for i in range(14):
+        # Staggered arrivals so admissions land in decode steps; shared prefixes hit the cache.
+        for e in (fast, ref):
+            e.add_request(f"r{i}", [i % 3 * 1000 + t for t in range(5 + 13 * i)], 3 + 7 * (i % 5), seed=i)
+        for _ in range(i % 4 + 1):
+            a, b = fast.step(), ref.step()
+            assert (a.duration_s, a.num_scheduled_tokens, a.num_preempted) == (
+                b.duration_s,
+                b.num_scheduled_tokens,
+                b.num_preempted,
+            )
+            assert a.outputs == b.outputs
+            assert fast.steps_until_event() == ref.steps_until_event()
+            assert fast.steps_within(0.05) == ref.steps_within(0.05)
+    outs = run_to_end(fast), run_to_end(ref)
+    assert outs[0] == outs[1]
+    assert fast.stats() == ref.stats()
+    assert fast.take_kv_events() == ref.take_kv_events()
+    assert_drained(fast)
+
+
+def test_outputs_are_a_snapshot_of_their_step() -> None:
+    engine = make()
+    tok = SimTokenizer()
+    engine.add_request("a", list(range(40)), 6, seed=5)
+    engine.step()
+    second = engine.step()
+    engine.step()
+    jumped = engine.jump(engine.steps_until_event(), collect_tokens=True)
+    # Read only now: values are those of the step that produced them.
+    (out,) = second.outputs
+    assert (out.new_token_ids, out.num_output_tokens, out.finished) == ([tok.sample(5, 1)], 2, False)
+    assert out == RequestOutput("a", [tok.sample(5, 1)], 1, 40, 0, 2, False, "")
+    (j,) = jumped.outputs
+    assert j.new_token_ids == [tok.sample(5, p) for p in range(3, 6)] and j.finished
+    assert j.finish_reason == "length" and j.num_new_tokens == 3 and jumped.outputs is jumped.outputs
+
+
+def test_steps_within_matches_summed_step_durations() -> None:
+    engine = make()
+    for i in range(30):
+        engine.add_request(f"r{i}", list(range(i * 500, i * 500 + 300 + 20 * i)), 400, seed=i)
+    assert engine.steps_within(1.0) == 0  # nothing running
+    while engine.steps_until_event() == 0:
+        engine.step()
+    assert engine.steps_within(0.0) == 0
+    for seconds in (0.001, 0.0105, 0.2, 1.0, 3.7):
+        k = engine.steps_within(seconds)
+        run = decode_run_cost(engine.gpu, engine.model_profile, 1, 30, engine._ctx_sum, k).seconds
+        over = decode_run_cost(engine.gpu, engine.model_profile, 1, 30, engine._ctx_sum, k + 1).seconds
+        assert run <= seconds < over
+    k = min(engine.steps_until_event(), engine.steps_within(0.5))
+    assert engine.jump(k).duration_s <= 0.5

@@ -253,6 +253,9 @@ class WorkerState(_message.Message):
     ARITHMETIC_INTENSITY_FIELD_NUMBER: _builtins.int
     LAST_SEEN_AGE_S_FIELD_NUMBER: _builtins.int
     FREE_TOKENS_FIELD_NUMBER: _builtins.int
+    PINNED_SESSIONS_FIELD_NUMBER: _builtins.int
+    BLOCKS_INDEXED_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     region: _builtins.str
     address: _builtins.str
@@ -272,6 +275,10 @@ class WorkerState(_message.Message):
     arithmetic_intensity: _builtins.float
     last_seen_age_s: _builtins.float
     free_tokens: _builtins.int
+    pinned_sessions: _builtins.int
+    """Sessions whose pin (idle TTL) points at this worker."""
+    blocks_indexed: _builtins.int
+    tokens_per_s: _builtins.float
     def __init__(
         self,
         *,
@@ -293,10 +300,13 @@ class WorkerState(_message.Message):
         arithmetic_intensity: _builtins.float = ...,
         last_seen_age_s: _builtins.float = ...,
         free_tokens: _builtins.int = ...,
+        pinned_sessions: _builtins.int = ...,
+        blocks_indexed: _builtins.int = ...,
+        tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "arithmetic_intensity", b"arithmetic_intensity", "block_size", b"block_size", "engine", b"engine", "free_tokens", b"free_tokens", "gpu", b"gpu", "last_seen_age_s", b"last_seen_age_s", "model", b"model", "num_blocks_cached", b"num_blocks_cached", "num_blocks_total", b"num_blocks_total", "num_blocks_used", b"num_blocks_used", "region", b"region", "reserved_tokens", b"reserved_tokens", "running", b"running", "state", b"state", "step_ms", b"step_ms", "waiting", b"waiting", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "arithmetic_intensity", b"arithmetic_intensity", "block_size", b"block_size", "blocks_indexed", b"blocks_indexed", "engine", b"engine", "free_tokens", b"free_tokens", "gpu", b"gpu", "last_seen_age_s", b"last_seen_age_s", "model", b"model", "num_blocks_cached", b"num_blocks_cached", "num_blocks_total", b"num_blocks_total", "num_blocks_used", b"num_blocks_used", "pinned_sessions", b"pinned_sessions", "region", b"region", "reserved_tokens", b"reserved_tokens", "running", b"running", "state", b"state", "step_ms", b"step_ms", "tokens_per_s", b"tokens_per_s", "waiting", b"waiting", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -326,16 +336,39 @@ class FleetStatusResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class PlacementsByOutcomeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     WORKERS_FIELD_NUMBER: _builtins.int
     FLEET_KV_TOKENS_TOTAL_FIELD_NUMBER: _builtins.int
     FLEET_KV_TOKENS_FREE_FIELD_NUMBER: _builtins.int
     SHED_BY_TIER_FIELD_NUMBER: _builtins.int
+    PLACEMENTS_BY_OUTCOME_FIELD_NUMBER: _builtins.int
     fleet_kv_tokens_total: _builtins.int
     fleet_kv_tokens_free: _builtins.int
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerState]: ...
     @_builtins.property
     def shed_by_tier(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    @_builtins.property
+    def placements_by_outcome(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     def __init__(
         self,
         *,
@@ -343,10 +376,11 @@ class FleetStatusResponse(_message.Message):
         fleet_kv_tokens_total: _builtins.int = ...,
         fleet_kv_tokens_free: _builtins.int = ...,
         shed_by_tier: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        placements_by_outcome: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet_kv_tokens_free", b"fleet_kv_tokens_free", "fleet_kv_tokens_total", b"fleet_kv_tokens_total", "shed_by_tier", b"shed_by_tier", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet_kv_tokens_free", b"fleet_kv_tokens_free", "fleet_kv_tokens_total", b"fleet_kv_tokens_total", "placements_by_outcome", b"placements_by_outcome", "shed_by_tier", b"shed_by_tier", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -109,6 +109,8 @@ class WorkerStats(_message.Message):
     TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    MAX_NUM_SEQS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     region: _builtins.str
     address: _builtins.str
@@ -132,6 +134,11 @@ class WorkerStats(_message.Message):
     timestamp_ms: _builtins.int
     seq: _builtins.int
     max_model_len: _builtins.int
+    prefill_tokens_per_s: _builtins.float
+    """Prompt tokens per second this worker prefills (roofline estimate for sim, configured for vLLM):
+    the scheduler compares waiting for a full pinned worker with recomputing elsewhere.
+    """
+    max_num_seqs: _builtins.int
     @_builtins.property
     def admitted_request_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Requests the engine has admitted: the scheduler drops their reservations."""
@@ -161,10 +168,12 @@ class WorkerStats(_message.Message):
         timestamp_ms: _builtins.int = ...,
         seq: _builtins.int = ...,
         max_model_len: _builtins.int = ...,
+        prefill_tokens_per_s: _builtins.float = ...,
+        max_num_seqs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admitted_request_ids", b"admitted_request_ids", "arithmetic_intensity", b"arithmetic_intensity", "block_size", b"block_size", "engine", b"engine", "gpu", b"gpu", "max_model_len", b"max_model_len", "model", b"model", "num_blocks_cached", b"num_blocks_cached", "num_blocks_total", b"num_blocks_total", "num_blocks_used", b"num_blocks_used", "preemptions_total", b"preemptions_total", "prefix_hit_rate", b"prefix_hit_rate", "region", b"region", "running", b"running", "seq", b"seq", "state", b"state", "step_ms", b"step_ms", "timestamp_ms", b"timestamp_ms", "tokens_per_s", b"tokens_per_s", "waiting", b"waiting", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admitted_request_ids", b"admitted_request_ids", "arithmetic_intensity", b"arithmetic_intensity", "block_size", b"block_size", "engine", b"engine", "gpu", b"gpu", "max_model_len", b"max_model_len", "max_num_seqs", b"max_num_seqs", "model", b"model", "num_blocks_cached", b"num_blocks_cached", "num_blocks_total", b"num_blocks_total", "num_blocks_used", b"num_blocks_used", "preemptions_total", b"preemptions_total", "prefill_tokens_per_s", b"prefill_tokens_per_s", "prefix_hit_rate", b"prefix_hit_rate", "region", b"region", "running", b"running", "seq", b"seq", "state", b"state", "step_ms", b"step_ms", "timestamp_ms", b"timestamp_ms", "tokens_per_s", b"tokens_per_s", "waiting", b"waiting", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,4 +1,6 @@
-"""Real Redis and Mosquitto in containers for the integration tests (testcontainers).
+"""Throwaway Redis and Mosquitto containers for the integration tests and the benchmarks.
+
+Needs the `dev` extra (testcontainers).
 
 Image names come from the environment that `make images` writes
 (deploy/.build/images.env): local images on a machine without a registry, the
@@ -10,14 +12,20 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Self
 
 from testcontainers.core.container import DockerContainer
 
-REPO = Path(__file__).resolve().parents[2]
-MOSQUITTO_CONF = REPO / "tests" / "integration" / "mosquitto-test.conf"
+# One anonymous listener (the compose fleet adds passwords and ACLs). Debian's mosquitto does
+# not flush stdout, so it logs to stderr to reach `docker logs`.
+MOSQUITTO_CONF = """listener 1883 0.0.0.0
+allow_anonymous true
+persistence false
+log_dest stderr
+"""
 
 
 def redis_image() -> str:
@@ -86,12 +94,21 @@ class MosquittoServer(_Server):
     what = "mosquitto"
 
     def __init__(self) -> None:
+        self._conf_dir = tempfile.TemporaryDirectory(prefix="kvgate-mosquitto-")
+        conf = Path(self._conf_dir.name) / "mosquitto.conf"
+        conf.write_text(MOSQUITTO_CONF)
+        conf.chmod(0o644)
+        Path(self._conf_dir.name).chmod(0o755)
         super().__init__(
             DockerContainer(mosquitto_image())
-            .with_volume_mapping(str(MOSQUITTO_CONF), "/kvgate/mosquitto.conf", "ro")
+            .with_volume_mapping(str(conf), "/kvgate/mosquitto.conf", "ro")
             .with_command("mosquitto -c /kvgate/mosquitto.conf")
         )
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        super().stop()
+        self._conf_dir.cleanup()

@@ -1,0 +1,90 @@
+"""The canned responder for quarantined API keys: a chat stream that only ever meows.
+
+A quarantined key (suspected abuse: scraping, prompt attacks, a leaked key being resold)
+keeps getting answers that look like a normal stream — a placement on a plausible worker,
+deltas at a human-plausible pace, a Done with usage — so whoever holds it learns nothing
+about the quarantine. It never touches the scheduler or a GPU: the fleet's capacity is
+for the customers.
+
+`Meower.stream` has the shape of `TurnRunner.stream`, so the servicer treats both alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from gateway.metrics import QUARANTINED_TURNS
+from gateway.relay import TurnJob, TurnProgress
+from kvgate.v1 import chat_pb2
+
+# Same naming as a real fleet's workers: the stream must not stand out.
+REGIONS = ("us-east", "us-west", "eu-west", "eu-central", "ap-southeast")
+ENDINGS = (".", ".", ".", "!", "?", "…")
+
+
+@dataclass(frozen=True)
+class Pace:
+    """Seconds before the first token and between tokens (uniform ranges): a busy GPU's pace."""
+
+    first_token_s: tuple[float, float] = (0.2, 0.6)
+    per_token_s: tuple[float, float] = (0.025, 0.07)
+
+
+def meows(count: int, rng: random.Random) -> list[str]:
+    """`count` tokens of sentences made of meows: "Meow", " meow", " meow." ..."""
+    tokens: list[str] = []
+    left_in_sentence = 0
+    for i in range(count):
+        if left_in_sentence == 0:
+            left_in_sentence = rng.randint(1, 4)
+            word = "Meow" if i == 0 else " Meow"
+        else:
+            word = " meow"
+        left_in_sentence -= 1
+        if left_in_sentence == 0 or i == count - 1:
+            word += rng.choice(ENDINGS)
+        tokens.append(word)
+    return tokens
+
+
+def fake_worker(session_id: str) -> tuple[str, str]:
+    """A stable (worker id, region) per session, so later turns look pinned to the same GPU."""
+    digest = hashlib.sha256(session_id.encode()).digest() if session_id else random.randbytes(2)
+    region = REGIONS[digest[0] % len(REGIONS)]
+    return f"{region.split('-')[0]}-{digest[1] % 8 + 1}", region
+
+
+class Meower:
+    def __init__(self, pace: Pace | None = None, rng: random.Random | None = None) -> None:
+        self._pace = pace or Pace()
+        self._rng = rng or random.Random()
+
+    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]:
+        QUARANTINED_TURNS.inc()
+        worker_id, region = fake_worker(job.session_id)
+        # A continued conversation would have been a cache hit on its pinned worker.
+        continued = sum(1 for m in job.messages if m.role == "assistant") > 0
+        progress.worker_id, progress.region = worker_id, region
+        progress.prompt_tokens = job.prompt_tokens_estimate
+        progress.cached_tokens = job.prompt_tokens_estimate * 3 // 4 if continued else 0
+        count = min(job.max_tokens, self._rng.randint(12, 60))
+        await asyncio.sleep(self._rng.uniform(*self._pace.first_token_s))
+        yield chat_pb2.SendEvent(
+            placement=chat_pb2.Placement(
+                worker_id=worker_id, region=region, cache_hit=continued, engine="vllm"
+            )
+        )
+        for i, token in enumerate(meows(count, self._rng)):
+            if i:
+                await asyncio.sleep(self._rng.uniform(*self._pace.per_token_s))
+            else:
+                progress.first_token_at = time.monotonic()
+            progress.parts.append(token)
+            progress.completion_tokens += 1
+            yield chat_pb2.SendEvent(delta=chat_pb2.TextDelta(text=token))
+        progress.finish_reason = "length" if count == job.max_tokens else "stop"
