@@ -8,6 +8,7 @@ import sys
 
 from gateway.auth import AuthMode
 from gateway.buckets import DEFAULT_LIMITS, TierLimits, parse_limits
+from gateway.relay import DEFAULT_COALESCE_MS
 from gateway.server import GatewayService, GatewaySettings
 from gateway.validation import Limits
 from kvgate.service import run_until_signalled
@@ -61,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds in-flight turns get to finish on SIGTERM (default: %(default)s)",
     )
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: off)")
+    parser.add_argument(
+        "--coalesce-ms",
+        type=float,
+        default=DEFAULT_COALESCE_MS,
+        help="merge worker chunks arriving within this window into one client message; the first "
+        "token is never delayed; 0 relays every chunk (default: %(default)s)",
+    )
     parser.add_argument(
         "--auth",
         choices=[m.value for m in AuthMode],
@@ -116,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         grace_s=args.grace,
         auth=AuthMode(args.auth),
         rate_limits=rate_limits if args.rate_limit == "on" else None,
+        coalesce_ms=args.coalesce_ms,
     )
 
     async def main() -> None:

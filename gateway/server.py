@@ -15,7 +15,7 @@ from gateway.gate import Gate
 from gateway.keystore import KeyStore
 from gateway.quarantine import Meower, Pace
 from gateway.ratelimit import RateLimiter
-from gateway.relay import TurnRunner, WorkerChannels
+from gateway.relay import DEFAULT_COALESCE_MS, TurnRunner, WorkerChannels
 from gateway.servicer import ChatServicer
 from gateway.sessions import SessionStore
 from gateway.validation import Limits
@@ -42,6 +42,8 @@ class GatewaySettings:
     # Per tier; None turns rate limiting off.
     rate_limits: Mapping[str, TierLimits] | None = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     quarantine_pace: Pace = field(default_factory=Pace)
+    # 0 relays every worker chunk as its own message (the bench's baseline).
+    coalesce_ms: float = DEFAULT_COALESCE_MS
 
 
 class GatewayService:
@@ -50,7 +52,11 @@ class GatewayService:
         self.redis = connect_redis(settings.redis_url)
         self.scheduler_channel = grpc.aio.insecure_channel(settings.scheduler, options=CHANNEL_OPTIONS)
         self.workers = WorkerChannels()
-        runner = TurnRunner(scheduler_pb2_grpc.SchedulerStub(self.scheduler_channel), self.workers)
+        runner = TurnRunner(
+            scheduler_pb2_grpc.SchedulerStub(self.scheduler_channel),
+            self.workers,
+            coalesce_ms=settings.coalesce_ms,
+        )
         sessions = SessionStore(self.redis, settings.session_idle_ttl_s)
         limiter = None if settings.rate_limits is None else RateLimiter(self.redis, settings.rate_limits)
         gate = Gate(Authenticator(KeyStore(self.redis), settings.auth), limiter)
