@@ -7,6 +7,10 @@ import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": ("gpu_worker.bench", "simulated engine cost: steps per CPU second, jump speed-up"),
+    "relay": (
+        "gateway.bench",
+        "gateway relay: coalescing vs per-chunk tokens/s, added TTFT, RSS at 2,000 streams",
+    ),
     "placement": ("scheduler.bench", "placement latency/throughput of scheduler replicas on real Redis"),
 }
 
