@@ -8,6 +8,7 @@ import sys
 
 from gateway.auth import AuthMode
 from gateway.buckets import DEFAULT_LIMITS, TierLimits, parse_limits
+from gateway.openai_http import split_listen
 from gateway.relay import DEFAULT_COALESCE_MS
 from gateway.server import GatewayService, GatewaySettings
 from gateway.validation import Limits
@@ -61,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds in-flight turns get to finish on SIGTERM (default: %(default)s)",
     )
+    parser.add_argument(
+        "--http-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models) here,"
+        " e.g. 0.0.0.0:8080 (default: off)",
+    )
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: off)")
     parser.add_argument(
         "--coalesce-ms",
@@ -102,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
     if not models:
         print("kvgate gateway: --models must name at least one model", file=sys.stderr)
         return 2
+    if args.http_listen is not None:
+        try:
+            split_listen(args.http_listen)
+        except ValueError as exc:
+            print(f"kvgate gateway: --http-listen: {exc}", file=sys.stderr)
+            return 2
     rate_limits: dict[str, TierLimits] = {}
     for tier, base in DEFAULT_LIMITS.items():
         try:
@@ -125,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         auth=AuthMode(args.auth),
         rate_limits=rate_limits if args.rate_limit == "on" else None,
         coalesce_ms=args.coalesce_ms,
+        http_listen=args.http_listen,
     )
 
     async def main() -> None:

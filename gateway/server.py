@@ -1,8 +1,9 @@
 """Wiring of one gateway replica: Redis session and key stores, rate limiter, scheduler client,
-worker relay, quarantine responder, Chat service."""
+worker relay, quarantine responder, Chat service, and the optional OpenAI HTTP facade."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from gateway.auth import Authenticator, AuthMode
 from gateway.buckets import DEFAULT_LIMITS, TierLimits
 from gateway.gate import Gate
 from gateway.keystore import KeyStore
+from gateway.openai_http import OpenAIFacade
 from gateway.quarantine import Meower, Pace
 from gateway.ratelimit import RateLimiter
 from gateway.relay import DEFAULT_COALESCE_MS, TurnRunner, WorkerChannels
@@ -44,6 +46,8 @@ class GatewaySettings:
     quarantine_pace: Pace = field(default_factory=Pace)
     # 0 relays every worker chunk as its own message (the bench's baseline).
     coalesce_ms: float = DEFAULT_COALESCE_MS
+    # HOST:PORT for the OpenAI-compatible HTTP API; None serves gRPC only.
+    http_listen: str | None = None
 
 
 class GatewayService:
@@ -67,6 +71,9 @@ class GatewayService:
             ),
             self.host.server,
         )
+        self.http = (
+            None if settings.http_listen is None else OpenAIFacade(settings.http_listen, settings.grace_s)
+        )
 
     @property
     def address(self) -> str:
@@ -74,6 +81,9 @@ class GatewayService:
 
     async def start(self) -> None:
         await self.host.start()
+        if self.http is not None:
+            # The facade calls this replica's own Chat service: one path for auth, limits, placement.
+            await self.http.start(self.address)
         start_metrics_server(self.settings.metrics_port)
         log.info(
             "gateway serving Chat on %s (scheduler %s, auth %s, rate limits %s)",
@@ -85,7 +95,12 @@ class GatewayService:
 
     async def stop(self) -> None:
         # Health goes NOT_SERVING first so load balancers stop sending; in-flight turns get the grace.
-        await self.host.stop(self.settings.grace_s)
+        # Both protocols drain together: HTTP streams ride on in-flight loopback gRPC calls, which
+        # the gRPC server keeps serving through the grace while refusing new ones.
+        stops = [self.host.stop(self.settings.grace_s)]
+        if self.http is not None:
+            stops.append(self.http.stop())
+        await asyncio.gather(*stops)
         await self.workers.close()
         await self.scheduler_channel.close()
         await self.redis.aclose()

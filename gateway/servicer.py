@@ -15,14 +15,14 @@ from typing import Any, Protocol
 import grpc
 import redis.exceptions
 
-from gateway import prompt
+from gateway import affinity, prompt
 from gateway.aborts import REDIS_DOWN_RETRY_MS, abort, abort_with_pushback, redis_down
 from gateway.auth import Caller
 from gateway.gate import Gate
 from gateway.metrics import TTFT_SECONDS, TURNS
 from gateway.relay import AtCapacity, PlacementUnavailable, TurnJob, TurnProgress, TurnRejected
 from gateway.sessions import SessionStore, now_ms
-from gateway.validation import Limits, check_max_tokens, check_messages, check_text
+from gateway.validation import Limits, check_max_tokens, check_messages, check_text, quoted
 from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             await abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"model {model!r} is not served; available: {', '.join(self._models)}",
+                f"model {quoted(model)} is not served; available: {', '.join(self._models)}",
             )
         problem = check_text(
             "system_prompt", request.system_prompt, self._limits.max_system_prompt_bytes, required=False
@@ -107,6 +107,13 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         except redis.exceptions.RedisError:
             await redis_down(context)
 
+    async def ListModels(
+        self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> chat_pb2.ListModelsResponse:
+        # Admitted like every call: the model list is for key holders only.
+        await self._gate.admit(context)
+        return chat_pb2.ListModelsResponse(models=self._models)
+
     async def _load(
         self, caller: Caller, session_id: str, context: grpc.aio.ServicerContext[Any, Any]
     ) -> chat_pb2.Session:
@@ -118,7 +125,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         except redis.exceptions.RedisError:
             await redis_down(context)
         if session is None:
-            await abort(context, grpc.StatusCode.NOT_FOUND, f"session_id {session_id!r} not found")
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"session_id {quoted(session_id)} not found")
         return session
 
     async def Send(
@@ -134,7 +141,11 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         remaining = context.time_remaining()
         job = TurnJob(
-            session_id=session.session_id if session else "",
+            # A stateless turn with an affinity key is placed like a session (pinned to the worker
+            # holding its KV cache) but nothing is stored for it.
+            session_id=session.session_id
+            if session
+            else affinity.placement_session_id(caller.tenant, request.affinity_key),
             model=session.model if session else request.model,
             tier=caller.tier,
             messages=messages,
@@ -219,6 +230,8 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                     "messages must be empty when session_id is set (the session holds the history)",
                 )
             problem = check_text("content", request.content, self._limits.max_message_bytes)
+            if not problem and request.affinity_key:
+                problem = "affinity_key must be empty when session_id is set (the session is pinned)"
             if problem:
                 await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
             session = await self._load(caller, request.session_id, context)
@@ -227,8 +240,12 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         problem = check_messages(messages, self._limits)
         if not problem and request.content:
             problem = "content must be empty in stateless mode: put the user turn last in messages"
+        if not problem:
+            problem = check_text(
+                "affinity_key", request.affinity_key, self._limits.max_affinity_key_bytes, required=False
+            )
         if not problem and request.model not in self._models:
-            problem = f"model {request.model!r} is not served; available: {', '.join(self._models)}"
+            problem = f"model {quoted(request.model)} is not served; available: {', '.join(self._models)}"
         if problem:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         return None, messages

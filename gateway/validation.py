@@ -17,6 +17,20 @@ class Limits:
     default_max_tokens: int = 256
     max_system_prompt_bytes: int = 16 * 1024
     max_metadata_entries: int = 32
+    max_affinity_key_bytes: int = 256
+
+
+# Client values echoed in error messages are cut short: a status message travels in a gRPC
+# trailer, and one over the peer's metadata limit (16 KiB) replaces the whole answer with
+# RESOURCE_EXHAUSTED "Stream removed".
+MAX_ECHO_CHARS = 64
+
+
+def quoted(value: str) -> str:
+    """`value` as repr() for an error message, shortened to MAX_ECHO_CHARS."""
+    if len(value) <= MAX_ECHO_CHARS:
+        return repr(value)
+    return f"{value[:MAX_ECHO_CHARS]!r}… ({len(value)} characters)"
 
 
 def check_text(field: str, text: str, max_bytes: int, *, required: bool = True) -> str:
@@ -47,7 +61,7 @@ def check_messages(messages: list[common_pb2.Message], limits: Limits) -> str:
         return "messages must not be empty when session_id is not set"
     for i, message in enumerate(messages):
         if message.role not in ROLES:
-            return f"messages[{i}].role must be one of {list(ROLES)}, got {message.role!r}"
+            return f"messages[{i}].role must be one of {list(ROLES)}, got {quoted(message.role)}"
         problem = check_text(f"messages[{i}].content", message.content, limits.max_message_bytes)
         if problem:
             return problem

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from gpu_worker.sim import GPUS, MODELS
-from scheduler.fleetsim.metrics import format_table
+from scheduler.fleetsim.metrics import format_markdown, format_table
 from scheduler.fleetsim.runner import PolicyRun, Scenario, policy_names, run_policies
 from scheduler.fleetsim.simulator import SimConfig, parse_workers
 from scheduler.fleetsim.trace import TRACE_ALIASES, SyntheticSpec, expected_requests, load_trace
@@ -87,6 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object per policy, one per line (JSON Lines)"
     )
+    parser.add_argument("--markdown", action="store_true", help="print the comparison as a Markdown table")
     parser.add_argument(
         "--plot", metavar="DIR", default=None, help="write PNG plots to DIR (needs matplotlib: the sim extra)"
     )
@@ -125,6 +126,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=3600.0,
         help="idle seconds before a session pin expires (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ignore-pins",
+        action="store_true",
+        help="experiment: the policy never sees session pins, only the prefix index (not the live behaviour)",
     )
     parser.add_argument(
         "--prefix-caching",
@@ -192,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len,
             pin_idle_ttl_s=args.pin_ttl,
             worker_samples=300 if args.plot else 0,
+            ignore_pins=args.ignore_pins,
             prefix_caching={"auto": None, "on": True, "off": False}[args.prefix_caching],
         )
         scenario = Scenario(
@@ -227,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     runs = run_policies(scenario, names, progress)
-    _print(runs, args.json)
+    _print(runs, args.json, args.markdown)
     if args.plot:
         from scheduler.fleetsim.plot import write_plots
 
@@ -237,10 +244,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print(runs: Sequence[PolicyRun], as_json: bool) -> None:
+def _print(runs: Sequence[PolicyRun], as_json: bool, markdown: bool) -> None:
     if as_json:
         for r in runs:
             print(json.dumps(r.report.to_json(), sort_keys=False))
+        return
+    if markdown:
+        print(format_markdown([r.report for r in runs]))
         return
     print(format_table([r.report for r in runs]))
     timing = ", ".join(

@@ -67,6 +67,8 @@ class RunData:
     workers: int
     ttft_s: array[float] = field(default_factory=lambda: array("d"))
     e2e_s: array[float] = field(default_factory=lambda: array("d"))
+    # TTFT by placement outcome (new, pinned_hit, moved): where a tail comes from.
+    ttft_by_outcome: dict[str, array[float]] = field(default_factory=dict)
     itl: LogHistogram = field(default_factory=LogHistogram)
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -119,6 +121,7 @@ class PolicyReport:
     goodput_per_gpu_s: float
     pinned_hit: int
     moved: int
+    ttft_p99_by_outcome_s: dict[str, float]
     simulated_s: float
     wall_s: float
     place_us_mean: float
@@ -181,6 +184,7 @@ def summarise(
         goodput_per_gpu_s=met / (data.gpu_count * span) if data.gpu_count else 0.0,
         pinned_hit=data.outcomes.get("pinned_hit", 0),
         moved=data.outcomes.get("moved", 0),
+        ttft_p99_by_outcome_s={k: percentile(sorted(v), 99) for k, v in sorted(data.ttft_by_outcome.items())},
         simulated_s=span,
         wall_s=data.wall_s,
         place_us_mean=data.place_s / data.place_calls * 1e6 if data.place_calls else 0.0,

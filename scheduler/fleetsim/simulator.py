@@ -86,6 +86,9 @@ class SimConfig:
     max_pin_wait_s: float = 5.0
     # Per-worker KV utilisation samples for plots: about this many per worker over the run.
     worker_samples: int = 0
+    # Experiment: never tell the policy about pins (placement then follows the prefix index
+    # alone). Not how the live scheduler works; measures what the pin rule costs or gains.
+    ignore_pins: bool = False
     # The engines' automatic prefix caching. None: on when the trace can share KV blocks, off
     # when every request's tokens are unique (Azure): no request can then hit another's
     # blocks, so results are the same except that a preempted request recomputes all of its
@@ -136,6 +139,7 @@ class _Req:
         "first_s",
         "hashes",
         "need",
+        "outcome",
         "pin_wait",
         "pinned",
         "tier",
@@ -151,6 +155,7 @@ class _Req:
         self.first_s = -1.0
         self.worker = -1
         self.pin_wait = False
+        self.outcome = ""
         self.pinned: str | None = None
         self.candidates: Sequence[str] = ()
         # Prompt block hashes when the trace shares prefixes (handed to the engine with the
@@ -263,7 +268,8 @@ class FleetSim:
         self._dirty: list[_Worker] = []
         self._waiting_pins = 0
         self._arrivals_done = False
-        self.data = RunData(policy=policy.name, workers=len(self._workers))
+        label = policy.name + ("/no-pins" if cfg.ignore_pins else "")
+        self.data = RunData(policy=label, workers=len(self._workers))
         self.data.prefill_tokens_by_worker = [0] * len(self._workers)
         self.data.gpu_count = len(self._workers)
         self._sum_used = sum(w.view.num_blocks_used for w in self._workers if w.view)
@@ -363,7 +369,7 @@ class FleetSim:
                 for bound in self._bounds:
                     bound.add(tr.prompt_tokens, hashes, insert)
         pinned: str | None = None
-        pin = self._pins.get(tr.session_id)
+        pin = None if self.config.ignore_pins else self._pins.get(tr.session_id)
         if pin is not None:
             if t - pin[1] <= self.config.pin_idle_ttl_s:
                 pinned = pin[0]
@@ -429,6 +435,7 @@ class FleetSim:
             outcome = "pinned_hit" if req.pinned == wid else "moved"
         outcomes = self.data.outcomes
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        req.outcome = outcome
         req.worker = w.idx
         self._reqs[tr.request_id] = req
         self._push(t + self.config.placement_delay_s, _DELIVER, req, 0)
@@ -642,6 +649,10 @@ class FleetSim:
             if req.first_s < 0.0:
                 req.first_s = end
                 data.ttft_s.append(end - req.arrival)
+                by_outcome = data.ttft_by_outcome.get(req.outcome)
+                if by_outcome is None:
+                    by_outcome = data.ttft_by_outcome[req.outcome] = array("d")
+                by_outcome.append(end - req.arrival)
                 cached = o.num_cached_tokens
                 data.prompt_tokens += o.num_prompt_tokens
                 data.cached_tokens += cached

@@ -39,6 +39,7 @@ class ComposeFleet:
     gateway: str
     env: dict[str, str]
     api_key: str = ""
+    http_base_url: str = ""
 
     def compose(
         self, *args: str, check: bool = True, timeout: float = 300
@@ -77,8 +78,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def compose_fleet() -> Iterator[ComposeFleet]:
     port = free_port()
-    env = {**os.environ, "KVGATE_GATEWAY_PORT": str(port)}
-    fleet = ComposeFleet(project=f"kvgate-e2e-{os.getpid()}", gateway=f"127.0.0.1:{port}", env=env)
+    http_port = free_port()
+    env = {**os.environ, "KVGATE_GATEWAY_PORT": str(port), "KVGATE_HTTP_PORT": str(http_port)}
+    fleet = ComposeFleet(
+        project=f"kvgate-e2e-{os.getpid()}",
+        gateway=f"127.0.0.1:{port}",
+        env=env,
+        http_base_url=f"http://127.0.0.1:{http_port}/v1",
+    )
     up = fleet.compose("up", "-d", check=False)
     try:
         if up.returncode != 0:

@@ -34,3 +34,15 @@ def test_conversation_streams_through_the_compose_fleet_and_stays_pinned(compose
     summary2 = second.stderr.strip().splitlines()[-1]
     assert f"worker {worker} " in summary2, (summary, summary2)
     assert "cache hit" in summary2 and "cached 0)" not in summary2
+
+
+def test_openai_client_chats_through_the_compose_fleet(compose_fleet: ComposeFleet) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=compose_fleet.http_base_url, api_key=compose_fleet.api_key, max_retries=5)
+    assert [m.id for m in client.models.list()] == ["llama-3-8b"]
+    reply = client.chat.completions.create(
+        model="llama-3-8b", messages=[{"role": "user", "content": "hello over HTTP"}], max_tokens=12
+    )
+    assert reply.choices[0].message.content and reply.usage is not None
+    assert reply.usage.completion_tokens == 12

@@ -64,10 +64,12 @@ class Fleet:
         *,
         auth: AuthMode = AuthMode.OFF,
         gateway_overrides: dict[str, Any] | None = None,
+        http: bool = False,
         **store_overrides: float,
     ) -> None:
-        """A scheduler and a gateway. Auth is off unless asked for: tests that are not about
-        keys call the gateway without one (as tenant "anonymous"); `create_key` makes keys."""
+        """A scheduler and a gateway (with the OpenAI HTTP API on a free port when `http`). Auth
+        is off unless asked for: tests that are not about keys call the gateway without one (as
+        tenant "anonymous"); `create_key` makes keys."""
         await self.start_scheduler(**store_overrides)
         self.gateway = GatewayService(
             GatewaySettings(
@@ -76,6 +78,7 @@ class Fleet:
                 redis_url=self.redis_url,
                 grace_s=2.0,
                 auth=auth,
+                http_listen="127.0.0.1:0" if http else None,
                 **(gateway_overrides or {}),
             )
         )
@@ -88,12 +91,15 @@ class Fleet:
         time_scale: float = 1.0,
         auth: AuthMode = AuthMode.OFF,
         gateway_overrides: dict[str, Any] | None = None,
+        http: bool = False,
         **store_overrides: float,
     ) -> None:
         """Workers {id: (region, KV blocks)}, a scheduler and a gateway; returns once all are ready."""
         for worker_id, (region, blocks) in workers.items():
             await self.add_worker(worker_id, region, num_gpu_blocks=blocks, time_scale=time_scale)
-        await self.start_control_plane(auth=auth, gateway_overrides=gateway_overrides, **store_overrides)
+        await self.start_control_plane(
+            auth=auth, gateway_overrides=gateway_overrides, http=http, **store_overrides
+        )
         await self.wait_for_workers(dict.fromkeys(workers, "ready"))
 
     @property
@@ -111,6 +117,12 @@ class Fleet:
     @property
     def scheduler(self) -> SchedulerService:
         return self.schedulers[0]
+
+    @property
+    def http_base_url(self) -> str:
+        """The gateway's OpenAI-compatible API root (started with `http=True`)."""
+        assert self.gateway is not None and self.gateway.http is not None
+        return f"http://{self.gateway.http.address}/v1"
 
     def client(self, api_key: str = "") -> ChatClient:
         assert self.gateway is not None

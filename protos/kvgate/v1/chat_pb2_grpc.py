@@ -60,6 +60,11 @@ class ChatStub:
                 request_serializer=kvgate_dot_v1_dot_chat__pb2.SendRequest.SerializeToString,
                 response_deserializer=kvgate_dot_v1_dot_chat__pb2.SendEvent.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/kvgate.v1.Chat/ListModels',
+                request_serializer=kvgate_dot_v1_dot_chat__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=kvgate_dot_v1_dot_chat__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServicer:
@@ -97,6 +102,13 @@ class ChatServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The models this gateway's fleet serves; the first is the default.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +136,11 @@ def add_ChatServicer_to_server(servicer, server):
                     servicer.Send,
                     request_deserializer=kvgate_dot_v1_dot_chat__pb2.SendRequest.FromString,
                     response_serializer=kvgate_dot_v1_dot_chat__pb2.SendEvent.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=kvgate_dot_v1_dot_chat__pb2.ListModelsRequest.FromString,
+                    response_serializer=kvgate_dot_v1_dot_chat__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +279,33 @@ class Chat:
             '/kvgate.v1.Chat/Send',
             kvgate_dot_v1_dot_chat__pb2.SendRequest.SerializeToString,
             kvgate_dot_v1_dot_chat__pb2.SendEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvgate.v1.Chat/ListModels',
+            kvgate_dot_v1_dot_chat__pb2.ListModelsRequest.SerializeToString,
+            kvgate_dot_v1_dot_chat__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,8 @@ class ChatStub:
     ListSessions: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListSessionsRequest, _chat_pb2.ListSessionsResponse]
     Send: _grpc.UnaryStreamMultiCallable[_chat_pb2.SendRequest, _chat_pb2.SendEvent]
     """Send one user turn and stream the assistant's reply."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListModelsRequest, _chat_pb2.ListModelsResponse]
+    """The models this gateway's fleet serves; the first is the default."""
 
 @_typing.type_check_only
 class ChatAsyncStub(ChatStub):
@@ -51,6 +53,8 @@ class ChatAsyncStub(ChatStub):
     ListSessions: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListSessionsRequest, _chat_pb2.ListSessionsResponse]  # type: ignore[assignment]
     Send: _aio.UnaryStreamMultiCallable[_chat_pb2.SendRequest, _chat_pb2.SendEvent]  # type: ignore[assignment]
     """Send one user turn and stream the assistant's reply."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListModelsRequest, _chat_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """The models this gateway's fleet serves; the first is the default."""
 
 class ChatServicer(metaclass=_abc_1.ABCMeta):
     """The public chat API served by the gateway."""
@@ -90,5 +94,13 @@ class ChatServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_chat_pb2.SendEvent], _abc.AsyncIterator[_chat_pb2.SendEvent]]:
         """Send one user turn and stream the assistant's reply."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _chat_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.ListModelsResponse, _abc.Awaitable[_chat_pb2.ListModelsResponse]]:
+        """The models this gateway's fleet serves; the first is the default."""
 
 def add_ChatServicer_to_server(servicer: ChatServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
