@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from scheduler.policy.config import KvgateConfig
 from scheduler.policy.framework import Filter, Pipeline, WeightedScorer
-from scheduler.policy.model import Decision, FleetView, Placed, PlacementRequest, Shed, WorkerState
+from scheduler.policy.model import (
+    Decision,
+    FleetView,
+    Placed,
+    PlacementRequest,
+    Shed,
+    WorkerState,
+    WorkerView,
+)
 from scheduler.policy.signals import (
     AcceptsNewSessions,
     Alive,
@@ -70,6 +78,9 @@ class KvgatePolicy:
         # One spare slot: the pinned worker may be among the top k and is listed separately.
         others = [w for w in self.pipeline.top(request, fleet, k + 1) if w.worker_id != pinned_id]
         if self.pipeline.keeps(request, pinned, fleet):
+            if others and self._queue_outweighs_cache(request, pinned, others[0]):
+                # Room for the KV, but a prefill backlog: recomputing elsewhere is faster.
+                return Placed(candidates=[w.worker_id for w in others[:k]], pinned_worker=pinned_id)
             # The pinned worker holds the session's KV: a hit beats any balance gain. The others
             # stay as fallbacks in case the reservation there conflicts.
             return Placed(
@@ -78,20 +89,7 @@ class KvgatePolicy:
 
         wait_s = self._pinned_wait_s(request, fleet)
         if wait_s is not None:
-            if others:
-                best = others[0]
-                cached = request.prefix_hit_blocks.get(best.worker_id, 0) * best.block_size
-                history = request.recompute_tokens
-                # Moving costs prefilling the history again (minus any prefix the new worker
-                # already caches), after the requests queued there: about one engine step each,
-                # since chunked prefill admits roughly one waiting request per step. A rough
-                # estimate on purpose; both sides are orders of magnitude apart when it matters.
-                recompute_s = (
-                    max(0, history - cached) / max(best.prefill_tokens_per_s, _MIN_RATE)
-                    + best.waiting * best.step_ms / 1000.0
-                )
-            else:
-                recompute_s = float("inf")
+            recompute_s = _move_cost_s(request, others[0]) if others else float("inf")
             if wait_s < recompute_s:
                 return Placed(
                     candidates=[pinned_id, *(w.worker_id for w in others[: k - 1])],
@@ -102,6 +100,17 @@ class KvgatePolicy:
         if not others:
             return estimate_shed(request, fleet, self.config)
         return Placed(candidates=[w.worker_id for w in others[:k]], pinned_worker=pinned_id)
+
+    def _queue_outweighs_cache(self, request: PlacementRequest, pinned: WorkerView, best: WorkerView) -> bool:
+        """A pinned worker with a queue (e.g. busy prefilling long prompts) can make a cache hit
+        slower than recomputing the history on an idle worker; the fleet simulator showed pinned
+        turns forming the whole TTFT tail on the Mooncake trace when pins held regardless."""
+        if pinned.waiting == 0:
+            return False
+        cached = request.prefix_hit_blocks.get(pinned.worker_id, 0) * pinned.block_size
+        new_tokens = max(0, request.recompute_tokens - cached)
+        stay_s = _queue_s(pinned) + new_tokens / max(pinned.prefill_tokens_per_s, _MIN_RATE)
+        return _move_cost_s(request, best) < stay_s
 
     def _pinned_wait_s(self, request: PlacementRequest, fleet: FleetView) -> float | None:
         """Seconds until the full pinned worker frees room for the request, or None if waiting
@@ -167,4 +176,19 @@ def estimate_shed(request: PlacementRequest, fleet: FleetView, config: KvgateCon
         reason="at capacity",
         details={"deficit_tokens": deficit, "drain_tokens_per_s": rate, "headroom_fraction": headroom},
         tier=tier,
+    )
+
+
+def _queue_s(worker: WorkerView) -> float:
+    """Rough wait before a new request starts prefilling: about one engine step per queued
+    request, since chunked prefill admits roughly one waiting request per step. A rough estimate
+    on purpose; both sides are orders of magnitude apart when it matters."""
+    return worker.waiting * worker.step_ms / 1000.0
+
+
+def _move_cost_s(request: PlacementRequest, worker: WorkerView) -> float:
+    """Prefilling the history again on `worker` (minus any prefix it already caches), after its queue."""
+    cached = request.prefix_hit_blocks.get(worker.worker_id, 0) * worker.block_size
+    return max(0, request.recompute_tokens - cached) / max(worker.prefill_tokens_per_s, _MIN_RATE) + _queue_s(
+        worker
     )

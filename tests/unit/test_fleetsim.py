@@ -250,4 +250,27 @@ def test_cli_rejects_bad_input_with_one_line(capsys: pytest.CaptureFixture[str])
 
 
 def test_prompt_token_ids_of_hand_requests() -> None:
-    assert prompt_token_ids(req(0, "a", 5, 1, start=7)) == [7, 8, 9, 10, 11]
+    assert list(prompt_token_ids(req(0, "a", 5, 1, start=7))) == [7, 8, 9, 10, 11]
+
+
+def test_prefix_caching_off_changes_nothing_when_no_tokens_are_shared() -> None:
+    reqs = [req(0.05 * i, f"r{i}", 300 + 50 * i, 40 + i, start=10_000 * i) for i in range(20)]
+    specs = [WorkerSpec(f"w{i}", "h100", "r") for i in range(2)]
+    trace = trace_of(reqs, shares=False)
+
+    def run(caching: bool | None) -> tuple[list[float], list[float]]:
+        s = FleetSim(specs, make_policy("least-kv"), trace, trace.requests, SimConfig(prefix_caching=caching))
+        data = s.run()
+        assert s.workers[0].engine.config.enable_prefix_caching is (caching is True)
+        return list(data.ttft_s), list(data.e2e_s)
+
+    assert run(None) == run(True)
+
+
+def test_ignore_pins_hides_pins_from_the_policy() -> None:
+    t1 = TraceRequest(0.0, "t1", "s", 2000, 50, ((RANGE, 0, 2000),), seed=1)
+    t2 = TraceRequest(5.0, "t2", "s", 3000, 50, ((RANGE, 0, 2000), (RANGE, 50_000, 1000)), seed=2)
+    data = sim([t1, t2], workers=3, policy="kvgate", ignore_pins=True).run()
+    assert data.policy == "kvgate/no-pins"
+    assert data.outcomes == {"new": 2}
+    assert data.cached_tokens == 2000  # the prefix index alone found the cached worker
