@@ -82,3 +82,17 @@ def test_full_fleet_sheds_with_a_retry_hint_from_the_drain_rate() -> None:
 def test_stale_telemetry_is_trusted_less() -> None:
     view = FleetView({"a": worker("a", 100, 0, age_s=6.0)}, stale_after_s=2.0, dead_after_s=10.0)
     assert view.usable_free_tokens(view.workers["a"]) == 800  # half of 1600 at half-way to dead
+
+
+def test_pinned_worker_with_a_long_queue_loses_to_recomputing_on_an_idle_one() -> None:
+    busy = worker("a", 1000, 100, waiting=20, step_ms=250.0, prefill_tokens_per_s=10_000.0)
+    idle = worker("b", 1000, 0, prefill_tokens_per_s=10_000.0)
+    # ~5 s of queue on the pinned worker vs ~0.02 s to recompute 200 tokens on the idle one.
+    moved = KvgatePolicy().place(request(pinned_worker="a"), fleet(busy, idle))
+    assert isinstance(moved, Placed) and moved.candidates[0] == "b"
+    assert moved.outcome_for("b").value == "moved"
+    # A short queue keeps the session where its KV cache is (300 blocks of its history cached).
+    short = dataclasses.replace(busy, waiting=1, step_ms=10.0)
+    turn = request(pinned_worker="a", prompt_tokens=5000, prefix_hit_blocks={"a": 300})
+    kept = KvgatePolicy().place(turn, fleet(short, idle))
+    assert isinstance(kept, Placed) and kept.candidates[0] == "a"
