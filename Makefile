@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) and installing kvgate[dev]"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,sim]'
 	@touch $@
 
 .PHONY: venv

@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -274,3 +277,16 @@ def test_ignore_pins_hides_pins_from_the_policy() -> None:
     assert data.policy == "kvgate/no-pins"
     assert data.outcomes == {"new": 2}
     assert data.cached_tokens == 2000  # the prefix index alone found the cached worker
+
+
+def test_plot_writes_png_charts(tmp_path: Path) -> None:
+    out = tmp_path / "plots"
+    result = subprocess.run(
+        [sys.executable, "-m", "kvgate.cli", "sim", "compare", "--trace", "synthetic", "--workers", "4",
+         "--synthetic-duration", "20", "--policy", "all", "--quiet", "--plot", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs, result.stdout
+    assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in pngs)
