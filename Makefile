@@ -74,6 +74,10 @@ up: venv images ## build images, start the compose fleet and stream a sample con
 	@echo "demo API key in $(DEMO_KEY): export KVGATE_API_KEY=\$$(cat $(DEMO_KEY))"
 	KVGATE_API_KEY=$$(cat $(DEMO_KEY)) $(VENV)/bin/kvgate chat --gateway localhost:$${KVGATE_GATEWAY_PORT:-50050} --wait 120 --demo
 
+.PHONY: tls-cert
+tls-cert: ## self-signed CA + gateway cert (+ client cert for mTLS) in deploy/.build/tls
+	bash deploy/make-tls-cert.sh deploy/.build/tls
+
 .PHONY: down
 down: ## stop the compose fleet and remove its containers and volumes
 	$(COMPOSE) -p $(PROJECT) -f deploy/compose.yaml down -v --remove-orphans

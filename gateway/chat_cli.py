@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="API key, sent as 'authorization: Bearer ...' (default: $KVGATE_API_KEY;"
         " see `kvgate keys create`)",
     )
+    parser.add_argument("--tls-ca", default=None, help="gateway speaks TLS: verify it with this PEM CA file")
+    parser.add_argument(
+        "--tls", action="store_true", help="gateway speaks TLS: verify it with the system roots"
+    )
     parser.add_argument(
         "--wait",
         type=float,
@@ -102,7 +106,9 @@ async def _with_wait(args: argparse.Namespace, attempt: Callable[[], Awaitable[T
 
 
 async def _chat(args: argparse.Namespace) -> None:
-    async with ChatClient(args.gateway, api_key=args.api_key) as client:
+    async with ChatClient(
+        args.gateway, api_key=args.api_key, tls_ca=args.tls_ca or ("" if args.tls else None)
+    ) as client:
         session_id = args.session
         if not session_id:
             session = await _with_wait(

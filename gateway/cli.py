@@ -13,6 +13,7 @@ from gateway.relay import DEFAULT_COALESCE_MS
 from gateway.server import GatewayService, GatewaySettings
 from gateway.validation import Limits
 from kvgate.service import run_until_signalled
+from kvgate.tls import TlsFiles
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " e.g. 0.0.0.0:8080 (default: off)",
     )
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: off)")
+    parser.add_argument("--tls-cert", default="", help="PEM server certificate: serve gRPC and HTTP over TLS")
+    parser.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca", default="", help="PEM CA: require client certificates signed by it (mutual TLS)"
+    )
     parser.add_argument(
         "--coalesce-ms",
         type=float,
@@ -123,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"kvgate gateway: --limits-{tier}: {exc}", file=sys.stderr)
             return 2
+    try:
+        tls = TlsFiles.from_args(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except ValueError as exc:
+        print(f"kvgate gateway: {exc}", file=sys.stderr)
+        return 2
     settings = GatewaySettings(
         listen=args.listen,
         scheduler=args.scheduler,
@@ -140,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         rate_limits=rate_limits if args.rate_limit == "on" else None,
         coalesce_ms=args.coalesce_ms,
         http_listen=args.http_listen,
+        tls=tls,
     )
 
     async def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -16,9 +17,28 @@ if TYPE_CHECKING:
 
 
 class ChatClient:
-    def __init__(self, address: str, api_key: str = "") -> None:
+    def __init__(
+        self,
+        address: str,
+        api_key: str = "",
+        tls_ca: str | None = None,
+        client_cert: tuple[str, str] | None = None,
+    ) -> None:
+        """`tls_ca`: PEM CA file to verify a TLS gateway ("" uses the system roots); `client_cert`:
+        (cert, key) PEM files for a gateway that requires mutual TLS."""
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if tls_ca is None and client_cert is None:
+            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            cert_chain = key = None
+            if client_cert is not None:
+                cert_chain, key = (Path(p).read_bytes() for p in client_cert)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
+                private_key=key,
+                certificate_chain=cert_chain,
+            )
+            self._channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self._stub: ChatAsyncStub = chat_pb2_grpc.ChatStub(self._channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -55,9 +56,10 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 class OpenAIFacade:
-    def __init__(self, listen: str, grace_s: float) -> None:
+    def __init__(self, listen: str, grace_s: float, ssl_context: ssl.SSLContext | None = None) -> None:
         self.listen = listen
         self._grace_s = grace_s
+        self._ssl_context = ssl_context
         self._channel: grpc.aio.Channel | None = None
         self._stub: ChatAsyncStub | None = None
         self._runner: web.AppRunner | None = None
@@ -78,7 +80,7 @@ class OpenAIFacade:
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=self._grace_s)
         await self._runner.setup()
         host, port = split_listen(self.listen)
-        await web.TCPSite(self._runner, host, port).start()
+        await web.TCPSite(self._runner, host, port, ssl_context=self._ssl_context).start()
         self.port = self._runner.addresses[0][1]
         log.info("gateway serving the OpenAI-compatible HTTP API on %s:%d", host, self.port)
 

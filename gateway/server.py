@@ -23,6 +23,7 @@ from gateway.sessions import SessionStore
 from gateway.validation import Limits
 from kvgate.redis_conn import connect_redis
 from kvgate.service import CHANNEL_OPTIONS, GrpcHost, start_metrics_server
+from kvgate.tls import TlsFiles
 from kvgate.v1 import chat_pb2, chat_pb2_grpc, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class GatewaySettings:
     coalesce_ms: float = DEFAULT_COALESCE_MS
     # HOST:PORT for the OpenAI-compatible HTTP API; None serves gRPC only.
     http_listen: str | None = None
+    # TLS for the public gRPC and HTTP ports (None: plaintext).
+    tls: TlsFiles | None = None
 
 
 class GatewayService:
@@ -64,7 +67,9 @@ class GatewayService:
         sessions = SessionStore(self.redis, settings.session_idle_ttl_s)
         limiter = None if settings.rate_limits is None else RateLimiter(self.redis, settings.rate_limits)
         gate = Gate(Authenticator(KeyStore(self.redis), settings.auth), limiter)
-        self.host = GrpcHost(settings.listen, [CHAT_SERVICE])
+        self.host = GrpcHost(
+            settings.listen, [CHAT_SERVICE], tls=settings.tls, loopback=settings.tls is not None
+        )
         chat_pb2_grpc.add_ChatServicer_to_server(
             ChatServicer(
                 sessions, runner, settings.models, settings.limits, gate, Meower(settings.quarantine_pace)
@@ -72,7 +77,13 @@ class GatewayService:
             self.host.server,
         )
         self.http = (
-            None if settings.http_listen is None else OpenAIFacade(settings.http_listen, settings.grace_s)
+            None
+            if settings.http_listen is None
+            else OpenAIFacade(
+                settings.http_listen,
+                settings.grace_s,
+                ssl_context=settings.tls.ssl_context() if settings.tls is not None else None,
+            )
         )
 
     @property
@@ -83,7 +94,7 @@ class GatewayService:
         await self.host.start()
         if self.http is not None:
             # The facade calls this replica's own Chat service: one path for auth, limits, placement.
-            await self.http.start(self.address)
+            await self.http.start(self.host.loopback_address)
         start_metrics_server(self.settings.metrics_port)
         log.info(
             "gateway serving Chat on %s (scheduler %s, auth %s, rate limits %s)",

@@ -18,6 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from kvgate.tls import TlsFiles
+
 log = logging.getLogger(__name__)
 
 # Generous but bounded: a chat history of a long conversation fits, a runaway client does not.
@@ -47,8 +49,15 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 class GrpcHost:
     """A grpc.aio server with health (per service and overall) and reflection."""
 
-    def __init__(self, listen: str, service_names: Iterable[str]) -> None:
+    def __init__(
+        self, listen: str, service_names: Iterable[str], tls: TlsFiles | None = None, loopback: bool = False
+    ) -> None:
         self.listen = listen
+        self.tls = tls
+        # An extra plaintext port on 127.0.0.1 for in-process callers (the HTTP facade) when the
+        # public port speaks TLS: they need no certificate, and nothing off-host can reach it.
+        self._loopback = loopback
+        self.loopback_port = 0
         self.service_names = list(service_names)
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
@@ -59,9 +68,14 @@ class GrpcHost:
         self.port = 0
 
     async def start(self) -> None:
-        self.port = self.server.add_insecure_port(self.listen)
+        if self.tls is not None:
+            self.port = self.server.add_secure_port(self.listen, self.tls.grpc_credentials())
+        else:
+            self.port = self.server.add_insecure_port(self.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen!r}: address in use or invalid")
+        if self._loopback:
+            self.loopback_port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
         await self.set_serving(True)
 
@@ -75,6 +89,11 @@ class GrpcHost:
     async def stop(self, grace_s: float) -> None:
         await self.set_serving(False)
         await self.server.stop(grace_s)
+
+    @property
+    def loopback_address(self) -> str:
+        """Plaintext address for in-process callers: the loopback port, or the public one without TLS."""
+        return f"127.0.0.1:{self.loopback_port}" if self.loopback_port else self.address
 
     @property
     def address(self) -> str:
