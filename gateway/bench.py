@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from kvgate.bench_util import free_port, print_result, progress
 from kvgate.service import CHANNEL_OPTIONS
 from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -44,12 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--open-streams", type=int, default=2000, help="streams held open for the RSS figure")
     parser.add_argument("--time-scale", type=float, default=0.02, help="sim worker slow-down; <1 is faster")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _kvgate(*args: str) -> subprocess.Popen[bytes]:
@@ -83,7 +76,7 @@ class Processes:
 
 @contextlib.contextmanager
 def _services(redis_url: str, mqtt_url: str, time_scale: float) -> Iterator[Processes]:
-    sched, worker = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+    sched, worker = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     procs = [
         _kvgate("scheduler", "--listen", sched, "--redis-url", redis_url, "--mqtt-url", mqtt_url),
         _kvgate("worker", "--worker-id", "bench-relay", "--region", "local", "--listen", worker,
@@ -91,7 +84,7 @@ def _services(redis_url: str, mqtt_url: str, time_scale: float) -> Iterator[Proc
     ]  # fmt: skip
     gateways = {}
     for mode, coalesce in (("coalesced", "15"), ("per_chunk", "0")):
-        address = f"127.0.0.1:{_free_port()}"
+        address = f"127.0.0.1:{free_port()}"
         proc = _kvgate("gateway", "--listen", address, "--scheduler", sched, "--redis-url", redis_url,
                        "--auth", "off", "--rate-limit", "off", "--coalesce-ms", coalesce)  # fmt: skip
         procs.append(proc)
@@ -244,14 +237,7 @@ async def run_bench(args: argparse.Namespace, procs: Processes, progress: Any) -
 
 
 def run(args: argparse.Namespace) -> int:
-    def progress(message: str) -> None:
-        print(f"... {message}", file=sys.stderr, flush=True)
-
     with _brokers(args) as (redis_url, mqtt_url), _services(redis_url, mqtt_url, args.time_scale) as procs:
         result = asyncio.run(run_bench(args, procs, progress))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:32} {value}")
+    print_result(result, args.json)
     return 0

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu_worker.sim import EngineConfig, SimEngine, get_gpu, get_model, kv_capacity_tokens, step_cost
+from kvgate.bench_util import print_result, progress
 
 # The shared traces directory sits next to the repository (see its README); CI has it there too.
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "azure_conv_2023.csv"
@@ -277,13 +276,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    def progress(message: str) -> None:
-        print(f"... {message}", file=sys.stderr, flush=True)
-
     result = run_engine_bench(progress, repeats=max(1, args.repeats), horizon_s=args.sim_seconds)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:38} {value}")
+    print_result(result, args.json)
     return 0

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +27,7 @@ from typing import Any
 import grpc
 import redis.asyncio as redis
 
+from kvgate.bench_util import free_port, print_result, progress
 from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc, telemetry_pb2
 from scheduler.store import FleetStore, StoreSettings
 
@@ -45,12 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load (default: %(default)s)")
     parser.add_argument("--replicas", type=int, default=2, help="scheduler processes (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -78,7 +71,7 @@ def _schedulers(redis_url: str, count: int) -> Iterator[list[tuple[str, int]]]:
     procs, endpoints = [], []
     try:
         for i in range(count):
-            grpc_port, metrics_port = _free_port(), _free_port()
+            grpc_port, metrics_port = free_port(), free_port()
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "kvgate.cli", "--log-level", "ERROR", "scheduler",
@@ -259,14 +252,7 @@ async def run_bench(args: argparse.Namespace, redis_url: str, progress: Any) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    def progress(message: str) -> None:
-        print(f"... {message}", file=sys.stderr, flush=True)
-
     with _redis_url(args.redis_url) as url:
         result = asyncio.run(run_bench(args, url, progress))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:22} {value}")
+    print_result(result, args.json)
     return 0

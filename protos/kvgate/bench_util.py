@@ -1,0 +1,29 @@
+"""Pieces every `kvgate bench ...` shares: progress on stderr, results on stdout, free ports."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+
+def progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def print_result(result: Mapping[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    width = max(len(key) for key in result) + 2
+    for key, value in result.items():
+        print(f"{key:{width}} {value}")
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (for services the benchmark starts itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
