@@ -9,8 +9,12 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 PROJECT ?= kvgate
 IMAGES_ENV := deploy/.build/images.env
 DEMO_KEY := deploy/.build/demo-api-key
+FLEET_ENV := deploy/.env
 # Loads the image names that `make images` chose (local or public) into a recipe's environment.
 WITH_IMAGES := set -a && . $(IMAGES_ENV) && set +a && export TESTCONTAINERS_RYUK_DISABLED=true &&
+# ... and the compose fleet's secrets (deploy/.env, made by `make env`).
+WITH_FLEET := set -a && . $(IMAGES_ENV) && . $(FLEET_ENV) && set +a &&
+COMPOSE_FLEET := $(COMPOSE) -p $(PROJECT) -f deploy/compose.yaml
 
 include deploy/images.mk
 
@@ -63,12 +67,16 @@ test-e2e: venv images ## end-to-end tests against the docker compose fleet
 test-vllm: venv ## vLLM contract tests (needs `pip install -e '.[vllm]'` and a GPU)
 	$(VENV)/bin/pytest -m vllm tests -o addopts=''
 
+.PHONY: env
+env: ## generate deploy/.env (Redis and MQTT passwords of the compose fleet) unless it exists
+	bash deploy/make-env.sh $(FLEET_ENV)
+
 .PHONY: up
-up: venv images ## build images, start the compose fleet and stream a sample conversation
-	$(WITH_IMAGES) $(COMPOSE) -p $(PROJECT) -f deploy/compose.yaml up -d
+up: venv images env ## build images, start the compose fleet and stream a sample conversation
+	$(WITH_FLEET) $(COMPOSE_FLEET) up -d
 	@# The gateway requires API keys: mint a demo key (plus tier) once it is running.
-	@$(WITH_IMAGES) for i in $$(seq 60); do \
-	  $(COMPOSE) -p $(PROJECT) -f deploy/compose.yaml exec -T gateway \
+	@$(WITH_FLEET) for i in $$(seq 60); do \
+	  $(COMPOSE_FLEET) exec -T gateway-1 \
 	    kvgate keys create --tenant demo --tier plus --label make-up > $(DEMO_KEY) 2>/dev/null && break; \
 	  sleep 1; done; test -s $(DEMO_KEY) || { echo "could not create a demo API key" >&2; exit 1; }
 	@echo "demo API key in $(DEMO_KEY): export KVGATE_API_KEY=\$$(cat $(DEMO_KEY))"
@@ -80,7 +88,7 @@ tls-cert: ## self-signed CA + gateway cert (+ client cert for mTLS) in deploy/.b
 
 .PHONY: down
 down: ## stop the compose fleet and remove its containers and volumes
-	$(COMPOSE) -p $(PROJECT) -f deploy/compose.yaml down -v --remove-orphans
+	$(WITH_FLEET) $(COMPOSE_FLEET) --profile monitoring down -v --remove-orphans
 
 .PHONY: clean
 clean: ## remove build outputs (not the venv)

@@ -8,12 +8,12 @@
 #   KVGATE_OFFLINE=0 bash deploy/build-images.sh   # force the public-image path
 #
 # With a registry (online path): pulls python:3.11-slim, redis:7-bookworm and
-# eclipse-mosquitto:2 and builds kvgate/app:local on python:3.11-slim.
+# eclipse-mosquitto:2 and haproxy:2.8 and builds kvgate/app:local on python:3.11-slim.
 #
 # Without a registry (offline path): debootstraps Debian bookworm (python3,
-# python3-venv, redis-server, mosquitto) into kvgate/base:bookworm (only if that
-# image does not exist yet), builds kvgate/redis:local and kvgate/mosquitto:local
-# from it, and builds kvgate/app:local on it.
+# python3-venv, redis-server, mosquitto, haproxy) into kvgate/base:bookworm (only if
+# that image does not exist yet), builds kvgate/redis:local, kvgate/mosquitto:local
+# and kvgate/haproxy:local from it, and builds kvgate/app:local on it.
 #
 # Both paths build a wheelhouse on the host (deploy/.build/wheelhouse: the kvgate
 # wheel + all runtime dependencies) which the app Dockerfile installs from with
@@ -40,15 +40,17 @@ case "$VENV" in /*) ;; *) VENV="$REPO_ROOT/$VENV" ;; esac
 PUBLIC_BASE_IMAGE=python:3.11-slim
 PUBLIC_REDIS_IMAGE=redis:7-bookworm
 PUBLIC_MOSQUITTO_IMAGE=eclipse-mosquitto:2
+PUBLIC_HAPROXY_IMAGE=haproxy:2.8
 
 LOCAL_BASE_IMAGE=kvgate/base:bookworm
 LOCAL_REDIS_IMAGE=kvgate/redis:local
 LOCAL_MOSQUITTO_IMAGE=kvgate/mosquitto:local
+LOCAL_HAPROXY_IMAGE=kvgate/haproxy:local
 APP_IMAGE=${KVGATE_APP_IMAGE:-kvgate/app:local}
 
 DEBIAN_SUITE=bookworm
 DEBIAN_MIRROR=${KVGATE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-BASE_PACKAGES=python3,python3-venv,redis-server,mosquitto,mosquitto-clients,ca-certificates
+BASE_PACKAGES=python3,python3-venv,redis-server,mosquitto,mosquitto-clients,haproxy,ca-certificates
 # Bump BASE_REVISION when the rootfs clean-up / import settings change; together
 # with the suite and package list it is stored as a label on the base image, and a
 # mismatch triggers a rebuild.
@@ -109,7 +111,7 @@ detect_mode() {
 pull_public_images() {
     step_begin "pull public images"
     local img
-    for img in "$PUBLIC_BASE_IMAGE" "$PUBLIC_REDIS_IMAGE" "$PUBLIC_MOSQUITTO_IMAGE"; do
+    for img in "$PUBLIC_BASE_IMAGE" "$PUBLIC_REDIS_IMAGE" "$PUBLIC_MOSQUITTO_IMAGE" "$PUBLIC_HAPROXY_IMAGE"; do
         log "docker pull $img"
         docker pull -q "$img" >/dev/null || die "docker pull $img failed (set KVGATE_OFFLINE=1 to build local images)"
     done
@@ -207,10 +209,10 @@ EOF
 # build them in the background, in parallel with the wheelhouse and app image.
 SERVICE_PIDS=()
 start_service_images() {
-    log "==> service images $LOCAL_REDIS_IMAGE, $LOCAL_MOSQUITTO_IMAGE (in background)"
+    log "==> service images $LOCAL_REDIS_IMAGE, $LOCAL_MOSQUITTO_IMAGE, $LOCAL_HAPROXY_IMAGE (in background)"
     SERVICE_T0=$(date +%s.%N)
     local name image
-    for name in redis mosquitto; do
+    for name in redis mosquitto haproxy; do
         image="kvgate/$name:local"
         docker_build -q -f "$DEPLOY_DIR/$name.Dockerfile" --build-arg "BASE_IMAGE=$LOCAL_BASE_IMAGE" \
             -t "$image" "$DEPLOY_DIR" >"$BUILD_DIR/$name-image.log" 2>&1 &
@@ -312,6 +314,7 @@ write_env() {
         echo "KVGATE_APP_IMAGE=$APP_IMAGE"
         echo "KVGATE_REDIS_IMAGE=$REDIS_IMAGE"
         echo "KVGATE_MOSQUITTO_IMAGE=$MOSQUITTO_IMAGE"
+        echo "KVGATE_HAPROXY_IMAGE=$HAPROXY_IMAGE"
         echo "KVGATE_BASE_IMAGE=$BASE_IMAGE"
     } >"$tmp"
     mv "$tmp" "$IMAGES_ENV"
@@ -325,10 +328,12 @@ select_images() {
         BASE_IMAGE=$LOCAL_BASE_IMAGE
         REDIS_IMAGE=$LOCAL_REDIS_IMAGE
         MOSQUITTO_IMAGE=$LOCAL_MOSQUITTO_IMAGE
+        HAPROXY_IMAGE=$LOCAL_HAPROXY_IMAGE
     else
         BASE_IMAGE=$PUBLIC_BASE_IMAGE
         REDIS_IMAGE=$PUBLIC_REDIS_IMAGE
         MOSQUITTO_IMAGE=$PUBLIC_MOSQUITTO_IMAGE
+        HAPROXY_IMAGE=$PUBLIC_HAPROXY_IMAGE
     fi
 }
 
@@ -371,7 +376,7 @@ main() {
     write_env
     log "images:"
     local img
-    for img in "$APP_IMAGE" "$REDIS_IMAGE" "$MOSQUITTO_IMAGE" "$BASE_IMAGE"; do
+    for img in "$APP_IMAGE" "$REDIS_IMAGE" "$MOSQUITTO_IMAGE" "$HAPROXY_IMAGE" "$BASE_IMAGE"; do
         docker image ls "$img" --format '    {{.Repository}}:{{.Tag}}  {{.ID}}  {{.Size}}'
     done
     log "done (total $(since "$T_START")s)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from gateway.auth import AuthMode
@@ -21,12 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--listen", default="0.0.0.0:50050", help="gRPC listen address (default: %(default)s)"
     )
     parser.add_argument(
-        "--scheduler", default="localhost:50051", help="scheduler address host:port (default: %(default)s)"
+        "--scheduler",
+        default="localhost:50051",
+        help="scheduler address host:port, or dns:///name:port for every replica behind one DNS "
+        "name, balanced round-robin (default: %(default)s)",
     )
     parser.add_argument(
         "--redis-url",
-        default="redis://localhost:6379/0",
-        help="Redis holding session histories (default: %(default)s)",
+        default=os.environ.get("KVGATE_REDIS_URL", "redis://localhost:6379/0"),
+        help="Redis holding session histories, redis://[:password@]host:port/db "
+        "(default: $KVGATE_REDIS_URL or redis://localhost:6379/0)",
     )
     parser.add_argument(
         "--models",

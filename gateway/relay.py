@@ -21,7 +21,7 @@ import grpc
 from gateway import prompt
 from gateway.coalesce import coalesced
 from gateway.metrics import FAILOVERS
-from kvgate.service import CHANNEL_OPTIONS
+from kvgate.service import WORKER_CHANNEL_OPTIONS
 from kvgate.v1 import chat_pb2, common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:
@@ -46,6 +46,10 @@ class AtCapacity(Exception):
     def __init__(self, retry_after_ms: int, reason: str) -> None:
         super().__init__(reason)
         self.retry_after_ms = retry_after_ms
+
+
+# Pauses before each further Place attempt when a scheduler replica is unavailable.
+PLACE_RETRY_BACKOFF_S = (0.05, 0.2, 0.5, 0.0)
 
 
 class PlacementUnavailable(Exception):
@@ -96,7 +100,7 @@ class WorkerChannels:
     def stub(self, address: str) -> WorkerAsyncStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=WORKER_CHANNEL_OPTIONS)
             self._channels[address] = channel
         return worker_pb2_grpc.WorkerStub(channel)
 
@@ -198,24 +202,33 @@ class TurnRunner:
         excluded: list[str],
         block_hashes: list[int],
     ) -> scheduler_pb2.Placed:
-        try:
-            response = await self._scheduler.Place(
-                scheduler_pb2.PlaceRequest(
-                    request_id=request_id,
-                    session_id=job.session_id,
-                    model=job.model,
-                    tier=job.tier,
-                    prompt_tokens=job.prompt_tokens_estimate + progress.completion_tokens,
-                    max_new_tokens=job.max_tokens - progress.completion_tokens,
-                    exclude_workers=excluded,
-                    block_hashes=block_hashes,
-                ),
-                timeout=min(5.0, _remaining(job.deadline) or 5.0),
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise PlacementUnavailable(
-                f"scheduler unavailable ({exc.code().name}: {exc.details()})", _pushback_ms(exc)
-            ) from exc
+        request = scheduler_pb2.PlaceRequest(
+            request_id=request_id,
+            session_id=job.session_id,
+            model=job.model,
+            tier=job.tier,
+            prompt_tokens=job.prompt_tokens_estimate + progress.completion_tokens,
+            max_new_tokens=job.max_tokens - progress.completion_tokens,
+            exclude_workers=excluded,
+            block_hashes=block_hashes,
+        )
+        for attempt, backoff_s in enumerate(PLACE_RETRY_BACKOFF_S):
+            try:
+                response = await self._scheduler.Place(
+                    request, timeout=min(5.0, _remaining(job.deadline) or 5.0)
+                )
+                break
+            except grpc.aio.AioRpcError as exc:
+                # A scheduler replica that died or restarts answers UNAVAILABLE; the channel
+                # round-robins, so the retry goes to another replica. Place is idempotent per
+                # request id (the reservation is keyed by it), so a retry cannot double-book.
+                last_attempt = attempt == len(PLACE_RETRY_BACKOFF_S) - 1
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or last_attempt:
+                    raise PlacementUnavailable(
+                        f"scheduler unavailable ({exc.code().name}: {exc.details()})", _pushback_ms(exc)
+                    ) from exc
+                log.warning("scheduler unavailable (%s); retrying placement", exc.details())
+                await asyncio.sleep(backoff_s)
         if response.WhichOneof("result") == "shed":
             raise AtCapacity(response.shed.retry_after_ms, response.shed.reason)
         progress.worker_id = response.placed.worker_id

@@ -57,7 +57,11 @@ class GatewayService:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.redis = connect_redis(settings.redis_url)
-        self.scheduler_channel = grpc.aio.insecure_channel(settings.scheduler, options=CHANNEL_OPTIONS)
+        # Round-robin over every address the target resolves to: with dns:///scheduler:50051 and
+        # several replicas behind one name, load spreads and a dead replica is skipped.
+        self.scheduler_channel = grpc.aio.insecure_channel(
+            settings.scheduler, options=[*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
+        )
         self.workers = WorkerChannels()
         runner = TurnRunner(
             scheduler_pb2_grpc.SchedulerStub(self.scheduler_channel),

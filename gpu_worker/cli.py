@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from gpu_worker.engine import EngineError
@@ -49,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-gpu-blocks",
         type=int,
-        default=None,
-        help="override the KV block count (e.g. a small fleet for shedding tests)",
+        # A string default goes through type=int, so a bad value is an argparse error.
+        default=os.environ.get("KVGATE_NUM_GPU_BLOCKS") or None,
+        help="override the KV block count, e.g. a small fleet for shedding tests "
+        "(default: $KVGATE_NUM_GPU_BLOCKS or what fits in GPU memory)",
     )
     parser.add_argument(
         "--max-num-seqs", type=int, default=256, help="max running sequences (default: %(default)s)"
@@ -69,8 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mqtt-url",
-        default="mqtt://localhost:1883",
-        help="broker for telemetry, mqtt://[user:pass@]host[:port] (default: %(default)s)",
+        default=os.environ.get("KVGATE_MQTT_URL", "mqtt://localhost:1883"),
+        help="broker for telemetry, mqtt://[user:password@]host[:port]; the user name must be "
+        "the worker id when the broker enforces per-worker ACLs "
+        "(default: $KVGATE_MQTT_URL or mqtt://localhost:1883)",
     )
     parser.add_argument(
         "--stats-interval",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from kvgate.service import run_until_signalled
@@ -18,13 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--redis-url",
-        default="redis://localhost:6379/0",
-        help="Redis holding the fleet state (default: %(default)s)",
+        default=os.environ.get("KVGATE_REDIS_URL", "redis://localhost:6379/0"),
+        help="Redis holding the fleet state, redis://[:password@]host:port/db "
+        "(default: $KVGATE_REDIS_URL or redis://localhost:6379/0)",
     )
     parser.add_argument(
         "--mqtt-url",
-        default="mqtt://localhost:1883",
-        help="broker carrying worker telemetry (default: %(default)s)",
+        default=os.environ.get("KVGATE_MQTT_URL", "mqtt://localhost:1883"),
+        help="broker carrying worker telemetry, mqtt://[user:password@]host[:port] "
+        "(default: $KVGATE_MQTT_URL or mqtt://localhost:1883)",
     )
     parser.add_argument(
         "--pin-ttl",

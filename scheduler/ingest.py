@@ -15,9 +15,15 @@ from kvgate import topics
 from kvgate.mqtt_url import Backoff, MqttUrl
 from kvgate.v1 import telemetry_pb2
 from scheduler.metrics import TELEMETRY_MESSAGES
-from scheduler.store import FleetStore
+from scheduler.store import TELEMETRY_CLOCK_TICK_S, FleetStore
 
 log = logging.getLogger(__name__)
+
+
+# An OFFLINE status is applied this long after it arrives, and only if our own connection to
+# the broker is still up by then: a broker that shuts down delivers its clients' last-wills on
+# its way out, and those say nothing about the workers.
+OFFLINE_CONFIRM_S = 1.0
 
 
 class TelemetryIngest:
@@ -26,6 +32,7 @@ class TelemetryIngest:
         self._store = store
         self._client_id = client_id
         self.connected = asyncio.Event()
+        self._pending_offline: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
         backoff = Backoff()
@@ -37,8 +44,13 @@ class TelemetryIngest:
                     backoff.reset()
                     self.connected.set()
                     log.info("ingesting telemetry from %s", self._broker.redacted())
-                    async for message in client.messages:
-                        await self._handle(str(message.topic), message.payload)
+                    clock = asyncio.create_task(self._tick_clock())
+                    try:
+                        async for message in client.messages:
+                            await self._handle(str(message.topic), message.payload)
+                    finally:
+                        clock.cancel()
+                        self._discard_pending_offline()
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
                 delay = backoff.next()
@@ -49,6 +61,36 @@ class TelemetryIngest:
                     delay,
                 )
                 await asyncio.sleep(delay)
+
+    async def _confirm_offline(self, status: telemetry_pb2.WorkerStatus) -> None:
+        await asyncio.sleep(OFFLINE_CONFIRM_S)
+        self._pending_offline.pop(status.worker_id, None)
+        try:
+            await self._store.ingest_status(status)
+            TELEMETRY_MESSAGES.labels(kind=topics.STATUS, outcome="ok").inc()
+        except redis.exceptions.RedisError as exc:
+            TELEMETRY_MESSAGES.labels(kind=topics.STATUS, outcome="redis_error").inc()
+            log.warning("offline status of %s not stored (Redis: %s)", status.worker_id, exc)
+
+    def _discard_pending_offline(self) -> None:
+        if self._pending_offline:
+            log.warning(
+                "broker connection lost: ignoring OFFLINE statuses of %s delivered just before it",
+                ", ".join(sorted(self._pending_offline)),
+            )
+        for task in self._pending_offline.values():
+            task.cancel()
+        self._pending_offline.clear()
+
+    async def _tick_clock(self) -> None:
+        """While connected, tell the fleet state that the broker is reachable (see
+        FleetStore._age_clock_ms): a broker outage must not read as every worker dying."""
+        while True:
+            try:
+                await self._store.tick_telemetry_clock()
+            except redis.exceptions.RedisError as exc:
+                log.warning("telemetry clock: Redis unavailable (%s)", exc)
+            await asyncio.sleep(TELEMETRY_CLOCK_TICK_S)
 
     async def _handle(self, topic: str, payload: object) -> None:
         parsed = topics.parse(topic)
@@ -66,6 +108,13 @@ class TelemetryIngest:
                 status = telemetry_pb2.WorkerStatus.FromString(bytes(payload))
                 if status.worker_id != worker_id:
                     raise ValueError(f"status for {status.worker_id!r} on {worker_id!r}'s topic")
+                pending = self._pending_offline.pop(worker_id, None)
+                if pending is not None:  # a newer status supersedes it
+                    pending.cancel()
+                if status.state == telemetry_pb2.WORKER_LIFECYCLE_OFFLINE:
+                    confirm = asyncio.create_task(self._confirm_offline(status))
+                    self._pending_offline[worker_id] = confirm
+                    return
                 await self._store.ingest_status(status)
             else:
                 events = telemetry_pb2.KvEvents.FromString(bytes(payload))

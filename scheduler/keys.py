@@ -5,6 +5,9 @@ from __future__ import annotations
 
 WORKERS = "kvgate:workers"  # SET of worker ids ever seen (the registry index)
 SHED_BY_TIER = "kvgate:shed_by_tier"  # HASH tier -> requests shed
+# STRING: Redis time (ms) at which some scheduler's telemetry ingest was last connected to the
+# broker. Worker ages are measured against it, so a broker outage freezes them (see store.py).
+TELEMETRY_CLOCK = "kvgate:telemetry:clock"
 
 
 def worker_info(worker_id: str) -> str:

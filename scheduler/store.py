@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +25,13 @@ _LIFECYCLE_TO_STATE = {
 _DEFAULTS = WorkerView("", "", "", WorkerState.READY, 16, 0, 0)
 DEFAULT_PREFILL_TOKENS_PER_S = _DEFAULTS.prefill_tokens_per_s
 DEFAULT_MAX_NUM_SEQS = _DEFAULTS.max_num_seqs
+# The ingest advances the telemetry clock every TELEMETRY_CLOCK_TICK_S while connected; ages
+# freeze once it is more than the slack behind. The ttl only cleans up after the last scheduler.
+TELEMETRY_CLOCK_TICK_S = 1.0
+TELEMETRY_CLOCK_SLACK_MS = 3000
+TELEMETRY_CLOCK_TTL_MS = 24 * 3600 * 1000
+
+log = logging.getLogger(__name__)
 
 # What redis-py accepts as a hash field or value.
 _RedisField = str | bytes | bytearray | memoryview | int | float
@@ -69,6 +77,9 @@ class FleetStore:
         self._release = client.register_script(_lua("release.lua", reservations=True))
         self._ingest = client.register_script(_lua("ingest_stats.lua", reservations=True))
         self._ingest_kv = client.register_script(_lua("ingest_kv.lua"))
+        self._tick_clock = client.register_script(_lua("telemetry_clock.lua"))
+        # Telemetry clock + slack (ms) when the broker is away, 0 when telemetry flows.
+        self.frozen_clock_ms = 0
 
     async def ingest_stats(self, stats: telemetry_pb2.WorkerStats) -> None:
         state = _LIFECYCLE_TO_STATE.get(stats.state, WorkerState.READY)
@@ -158,14 +169,15 @@ class FleetStore:
         )
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.time()
+            pipe.get(keys.TELEMETRY_CLOCK)
             for wid in ids:
                 pipe.hgetall(keys.worker_info(wid))
             replies = await pipe.execute()
         seconds, micros = replies[0]
-        now_ms = seconds * 1000 + micros // 1000
+        now_ms = self._age_clock_ms(seconds * 1000 + micros // 1000, replies[1])
         workers: dict[str, WorkerView] = {}
         for i, wid in enumerate(ids):
-            info = _decode(replies[1 + i])
+            info = _decode(replies[2 + i])
             if "blocks_total" not in info:
                 continue
             workers[wid] = WorkerView(
@@ -195,6 +207,33 @@ class FleetStore:
             workers, dead_after_s=self.settings.dead_after_s, stale_after_s=self.settings.stale_after_s
         )
 
+    def _age_clock_ms(self, now_ms: int, clock: bytes | str | None) -> int:
+        """The time worker ages are measured at. While some ingest is connected to the broker the
+        clock is within a second of Redis time and this is now. When the broker is away no
+        telemetry arrives for anyone; that says nothing about the workers, so their ages stop at
+        the last moment the broker was seen (plus one heartbeat of slack): placements go on with
+        the last telemetry plus the reservations made since, and the gateway's failover covers a
+        worker that really died meanwhile. With no clock at all (no ingest yet) ages use now."""
+        if clock is None:
+            self.frozen_clock_ms = 0
+            return now_ms
+        frozen_at = int(clock) + TELEMETRY_CLOCK_SLACK_MS
+        if frozen_at >= now_ms:
+            self.frozen_clock_ms = 0
+            return now_ms
+        if not self.frozen_clock_ms:
+            log.warning(
+                "no telemetry ingest connected to the broker for %.1fs: worker ages frozen at the "
+                "last broker contact",
+                (now_ms - int(clock)) / 1000,
+            )
+        self.frozen_clock_ms = frozen_at
+        return frozen_at
+
+    async def tick_telemetry_clock(self) -> None:
+        """Advance the telemetry clock (the ingest calls this while connected to the broker)."""
+        await self._tick_clock(keys=[keys.TELEMETRY_CLOCK], args=[TELEMETRY_CLOCK_TTL_MS])
+
     async def reserve(
         self, worker_id: str, request_id: str, tokens: int, *, allow_draining: bool = False
     ) -> ReserveResult:
@@ -206,6 +245,7 @@ class FleetStore:
                 int(self.settings.reservation_ttl_s * 1000),
                 int(self.settings.dead_after_s * 1000),
                 "1" if allow_draining else "0",
+                self.frozen_clock_ms,
             ],
         )
         return ReserveResult(ReserveStatus(int(status)), int(free_after))

@@ -12,6 +12,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "gateway relay: coalescing vs per-chunk tokens/s, added TTFT, RSS at 2,000 streams",
     ),
     "placement": ("scheduler.bench", "placement latency/throughput of scheduler replicas on real Redis"),
+    "load": (
+        "gateway.loadgen",
+        "open-loop load on a running gateway from a trace: TTFT/ITL/E2E, shed, errors, per worker",
+    ),
 }
 
 

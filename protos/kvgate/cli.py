@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from types import ModuleType
 
 from kvgate import __version__
-from kvgate.service import configure_logging
 
 # name -> (module with add_arguments/run, one-line help). vLLM is imported only when
 # `kvgate worker --engine vllm` runs, so every other command works without it.
@@ -32,7 +32,12 @@ def _module(path: str) -> ModuleType:
     return importlib.import_module(path)
 
 
-def build_parser(load: Callable[[str], ModuleType] = _module) -> argparse.ArgumentParser:
+def build_parser(
+    load: Callable[[str], ModuleType] = _module, only: str | None = None
+) -> argparse.ArgumentParser:
+    """The full parser, or with `only` one whose other subcommands are listed but not loaded:
+    importing every command's module costs seconds on a busy machine, and container
+    healthchecks run `kvgate health` every few seconds."""
     parser = argparse.ArgumentParser(
         prog="kvgate",
         description="kvgate: KV-cache-aware global scheduling of LLM chat on GPU fleets.",
@@ -43,16 +48,27 @@ def build_parser(load: Callable[[str], ModuleType] = _module) -> argparse.Argume
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_path, help_text) in SUBCOMMANDS.items():
-        module = load(module_path)
         child = sub.add_parser(name, help=help_text, description=help_text)
+        if only is not None and name != only:
+            continue
+        module = load(module_path)
         module.add_arguments(child)
         if hasattr(module, "run"):  # a command group (bench) lets its subcommands set run
             child.set_defaults(run=module.run)
     return parser
 
 
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if arg in SUBCOMMANDS), None)
+    args = build_parser(only=command).parse_args(argv)
     configure_logging(args.log_level)
     result: int = args.run(args)
     return result

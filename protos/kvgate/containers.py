@@ -28,6 +28,10 @@ log_dest stderr
 """
 
 
+# The compose fleet's broker configuration (a source checkout's deploy/mosquitto).
+DEPLOY_MOSQUITTO_DIR = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
+
+
 def redis_image() -> str:
     return os.environ.get("KVGATE_REDIS_IMAGE", "redis:7-bookworm")
 
@@ -77,37 +81,60 @@ class RedisServer(_Server):
     port_inside = 6379
     what = "redis"
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
+        """`password`: require it (`requirepass`), as the compose fleet does."""
+        self.password = password
+        auth = f" --requirepass {password}" if password else ""
         super().__init__(
             DockerContainer(redis_image()).with_command(
                 "redis-server --port 6379 --bind 0.0.0.0 --protected-mode no --appendonly yes --save ''"
+                + auth
             )
         )
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
 
 class MosquittoServer(_Server):
     port_inside = 1883
     what = "mosquitto"
 
-    def __init__(self) -> None:
+    def __init__(self, users: dict[str, str] | None = None) -> None:
+        """Anonymous by default. With `users` ({name: password}) the broker runs the compose
+        fleet's own configuration from deploy/mosquitto (password file + per-worker ACL), so
+        tests exercise exactly what is deployed; needs a source checkout."""
         self._conf_dir = tempfile.TemporaryDirectory(prefix="kvgate-mosquitto-")
-        conf = Path(self._conf_dir.name) / "mosquitto.conf"
-        conf.write_text(MOSQUITTO_CONF)
-        conf.chmod(0o644)
-        Path(self._conf_dir.name).chmod(0o755)
-        super().__init__(
-            DockerContainer(mosquitto_image())
-            .with_volume_mapping(str(conf), "/kvgate/mosquitto.conf", "ro")
-            .with_command("mosquitto -c /kvgate/mosquitto.conf")
-        )
+        container = DockerContainer(mosquitto_image())
+        if users is None:
+            conf = Path(self._conf_dir.name) / "mosquitto.conf"
+            conf.write_text(MOSQUITTO_CONF)
+            conf.chmod(0o644)
+            Path(self._conf_dir.name).chmod(0o755)
+            container = container.with_volume_mapping(str(conf), "/kvgate/mosquitto.conf", "ro")
+            container = container.with_command("mosquitto -c /kvgate/mosquitto.conf")
+        else:
+            if not DEPLOY_MOSQUITTO_DIR.is_dir():
+                raise FileNotFoundError(
+                    f"{DEPLOY_MOSQUITTO_DIR} not found: a secured broker needs a checkout"
+                )
+            container = (
+                container.with_volume_mapping(str(DEPLOY_MOSQUITTO_DIR), "/mosquitto/config", "ro")
+                .with_env("KVGATE_MQTT_USERS", " ".join(f"{u}:{p}" for u, p in users.items()))
+                .with_command("sh /mosquitto/config/start.sh")
+            )
+        super().__init__(container)
+
+    def url_for(self, user: str | None = None, password: str | None = None) -> str:
+        """mqtt:// URL of this broker, with credentials when given."""
+        auth = f"{user}:{password}@" if user else ""
+        return f"mqtt://{auth}{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return self.url_for()
 
     def stop(self) -> None:
         super().stop()

@@ -31,7 +31,8 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     # Detect dead peers (a worker host gone without FIN) within ~30 s.
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Gateways ping workers every 5 s (WORKER_CHANNEL_OPTIONS); allow that without strikes.
+    ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 
@@ -43,6 +44,15 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     # Fail fast to the caller's retry logic instead of queueing on a dead address.
     ("grpc.enable_retries", 0),
+]
+
+# Gateway -> worker: a worker cut off by the network sends no RST, so its streams would hang
+# until keepalive gives up. Ping every 5 s and give up after 5 more: a turn stalls at most
+# ~10 s before it fails over to another worker.
+WORKER_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    *((name, value) for name, value in CHANNEL_OPTIONS if not name.startswith("grpc.keepalive_time")),
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
 ]
 
 
@@ -167,10 +177,3 @@ async def run_until_signalled(
 
 def _force_exit() -> None:
     raise SystemExit(1)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )

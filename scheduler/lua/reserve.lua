@@ -1,7 +1,8 @@
 -- Reserve KV tokens on one worker, atomically, only if they still fit.
 -- KEYS: info hash, reservation hash, reservation expiry zset (one hash tag: one slot).
 -- ARGV[1] request id, ARGV[2] tokens, ARGV[3] reservation ttl ms, ARGV[4] dead-after ms,
--- ARGV[5] "1" if a draining worker may still take it.
+-- ARGV[5] "1" if a draining worker may still take it, ARGV[6] telemetry clock ms (0: none):
+-- when it is behind Redis time the broker is away, and ages are measured against it.
 -- Returns {status, free_after}: 1 reserved, 0 does not fit, -1 unknown worker,
 -- -2 not accepting (offline/draining/dead).
 local info, resv, expiry = KEYS[1], KEYS[2], KEYS[3]
@@ -13,7 +14,12 @@ end
 if w[1] == 'offline' or (w[1] == 'draining' and ARGV[5] ~= '1') then
   return {-2, 0}
 end
-if now - tonumber(w[5]) > tonumber(ARGV[4]) then
+local clock = tonumber(ARGV[6] or '0')
+local age_now = now
+if clock > 0 and clock < now then
+  age_now = clock
+end
+if age_now - tonumber(w[5]) > tonumber(ARGV[4]) then
   return {-2, 0}
 end
 prune_expired(info, resv, expiry, now)

@@ -31,11 +31,12 @@ class Fleet:
     _redis: redis.Redis | None = None
 
     async def add_worker(self, worker_id: str, region: str, **overrides: object) -> WorkerService:
+        """A sim worker; `overrides` are WorkerSettings fields (e.g. its own mqtt_url)."""
+        overrides.setdefault("mqtt_url", self.mqtt_url)
         settings = WorkerSettings(
             worker_id=worker_id,
             region=region,
             listen="127.0.0.1:0",
-            mqtt_url=self.mqtt_url,
             stats_interval_s=0.1,
             mqtt_keepalive_s=2,
             drain_grace_s=10,
