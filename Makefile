@@ -14,7 +14,10 @@ FLEET_ENV := deploy/.env
 WITH_IMAGES := set -a && . $(IMAGES_ENV) && set +a && export TESTCONTAINERS_RYUK_DISABLED=true &&
 # ... and the compose fleet's secrets (deploy/.env, made by `make env`).
 WITH_FLEET := set -a && . $(IMAGES_ENV) && . $(FLEET_ENV) && set +a &&
-COMPOSE_FLEET := $(COMPOSE) -p $(PROJECT) -f deploy/compose.yaml
+# `make up TLS=1`: the gateways serve TLS with the certificate from `make tls-cert`.
+TLS ?=
+COMPOSE_FLEET := $(COMPOSE) -p $(PROJECT) -f deploy/compose.yaml $(if $(TLS),-f deploy/compose.tls.yaml)
+CHAT_TLS := $(if $(TLS),--tls-ca deploy/.build/tls/ca.crt)
 
 include deploy/images.mk
 
@@ -72,7 +75,7 @@ env: ## generate deploy/.env (Redis and MQTT passwords of the compose fleet) unl
 	bash deploy/make-env.sh $(FLEET_ENV)
 
 .PHONY: up
-up: venv images env ## build images, start the compose fleet and stream a sample conversation
+up: venv images env $(if $(TLS),deploy/.build/tls/server.crt) ## build images, start the compose fleet and stream a sample conversation (TLS=1: with TLS)
 	$(WITH_FLEET) $(COMPOSE_FLEET) up -d
 	@# The gateway requires API keys: mint a demo key (plus tier) once it is running.
 	@$(WITH_FLEET) for i in $$(seq 60); do \
@@ -80,10 +83,13 @@ up: venv images env ## build images, start the compose fleet and stream a sample
 	    kvgate keys create --tenant demo --tier plus --label make-up > $(DEMO_KEY) 2>/dev/null && break; \
 	  sleep 1; done; test -s $(DEMO_KEY) || { echo "could not create a demo API key" >&2; exit 1; }
 	@echo "demo API key in $(DEMO_KEY): export KVGATE_API_KEY=\$$(cat $(DEMO_KEY))"
-	KVGATE_API_KEY=$$(cat $(DEMO_KEY)) $(VENV)/bin/kvgate chat --gateway localhost:$${KVGATE_GATEWAY_PORT:-50050} --wait 120 --demo
+	KVGATE_API_KEY=$$(cat $(DEMO_KEY)) $(VENV)/bin/kvgate chat --gateway localhost:$${KVGATE_GATEWAY_PORT:-50050} $(CHAT_TLS) --wait 120 --demo
 
 .PHONY: tls-cert
 tls-cert: ## self-signed CA + gateway cert (+ client cert for mTLS) in deploy/.build/tls
+	bash deploy/make-tls-cert.sh deploy/.build/tls
+
+deploy/.build/tls/server.crt:
 	bash deploy/make-tls-cert.sh deploy/.build/tls
 
 .PHONY: down

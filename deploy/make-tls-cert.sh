@@ -19,4 +19,7 @@ sign() {  # name, subject, extensions
 sign server "/CN=kvgate gateway" "subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:gateway${extra}"
 sign client "/CN=kvgate client" "extendedKeyUsage=clientAuth"
 chmod 600 ./*.key
+# The gateway container runs as uid 10001 and reads server.key through a bind mount
+# (deploy/compose.tls.yaml); this is a local, self-signed certificate.
+chmod 644 server.key
 echo "TLS files in $(pwd): ca.crt server.crt server.key client.crt client.key"
