@@ -39,7 +39,8 @@ def _compose() -> list[str]:
 def _config(
     *files: str, env: dict[str, str] | None = None, profile: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    args = [a for f in files for a in ("-f", str(DEPLOY / f))]
+    # An empty --env-file: a developer's own deploy/.env (make env) must not leak in.
+    args = ["--env-file", os.devnull, *(a for f in files for a in ("-f", str(DEPLOY / f)))]
     if profile:
         args += ["--profile", profile]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("KVGATE_")}
