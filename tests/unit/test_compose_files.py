@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+EMPTY_ENV = Path(__file__).with_name("empty.env")
 SECRETS = {
     "KVGATE_REDIS_PASSWORD": "redis-secret",
     "KVGATE_MQTT_SCHEDULER_PASSWORD": "scheduler-secret",
@@ -40,7 +41,7 @@ def _config(
     *files: str, env: dict[str, str] | None = None, profile: str = ""
 ) -> subprocess.CompletedProcess[str]:
     # An empty --env-file: a developer's own deploy/.env (make env) must not leak in.
-    args = ["--env-file", os.devnull, *(a for f in files for a in ("-f", str(DEPLOY / f)))]
+    args = ["--env-file", str(EMPTY_ENV), *(a for f in files for a in ("-f", str(DEPLOY / f)))]
     if profile:
         args += ["--profile", profile]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("KVGATE_")}
