@@ -7,6 +7,7 @@ or a Scorer (how good is it, in [0, 1]?), added to a Pipeline with a weight.
 from __future__ import annotations
 
 import heapq
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -87,11 +88,12 @@ class Pipeline:
         return totals if totals is not None else [0.0] * len(workers)
 
     def rank(self, request: PlacementRequest, fleet: FleetView) -> list[WorkerView]:
-        """Feasible workers, best first; ties broken by worker id so decisions are deterministic."""
+        """Feasible workers, best first; ties broken by a hash of (request, worker) so decisions are
+        deterministic yet tied workers share the load (see _tie_break)."""
         return self.top(request, fleet, None)
 
     def top(self, request: PlacementRequest, fleet: FleetView, k: int | None) -> list[WorkerView]:
-        """The best k feasible workers (all of them if k is None), best first, ties by worker id.
+        """The best k feasible workers (all of them if k is None), best first, ties by _tie_break.
 
         Linear in the fleet for a small k: the k-th best total is found with a heap, and only
         workers scoring at least that much are sorted.
@@ -109,13 +111,21 @@ class Pipeline:
             chosen = heapq.nlargest(k, range(n), key=totals.__getitem__)
             kth = totals[chosen[-1]]
             if totals.count(kth) > sum(1 for i in chosen if totals[i] == kth):
-                # Workers tied with the k-th best but left out: the id tie-break must see all of
+                # Workers tied with the k-th best but left out: the tie-break must see all of
                 # them, or the choice would depend on the fleet's iteration order.
                 chosen = [i for i in range(n) if totals[i] >= kth]
-        chosen.sort(key=lambda i: (-totals[i], workers[i].worker_id))
+        salt = (request.session_id or request.request_id).encode()
+        chosen.sort(key=lambda i: (-totals[i], _tie_break(salt, workers[i].worker_id)))
         if k is not None:
             del chosen[k:]
         return [workers[i] for i in chosen]
+
+
+def _tie_break(salt: bytes, worker_id: str) -> tuple[int, str]:
+    """Rendezvous-style order among equally scored workers: on an idle or evenly loaded fleet
+    every worker scores the same, and breaking ties by worker id would send all of that traffic
+    to the lowest id. crc32, not hash(): str hashes change from process to process."""
+    return zlib.crc32(worker_id.encode(), zlib.crc32(salt)), worker_id
 
 
 def _selector(f: Filter) -> _Selector:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -45,7 +46,8 @@ async def test_grpc_and_openai_clients_over_tls(fleet: Fleet, certs: Path) -> No
     assert fleet.gateway.http is not None
     base = f"https://localhost:{fleet.gateway.http.address.rsplit(':', 1)[1]}/v1"
     # openai's own HTTP client class, whatever library it wraps, verifying with our CA.
-    async with openai.DefaultAsyncHttpxClient(verify=str(certs / "ca.crt")) as http_client:
+    verify = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    async with openai.DefaultAsyncHttpxClient(verify=verify) as http_client:
         oai = openai.AsyncOpenAI(base_url=base, api_key="unused", http_client=http_client, max_retries=0)
         reply = await oai.chat.completions.create(
             model="llama-3-8b", messages=[{"role": "user", "content": "hi over https"}], max_tokens=5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import pytest
 
@@ -115,16 +116,30 @@ class _Exploding:
         raise AssertionError("a zero-weight scorer must not be evaluated")
 
 
-def test_pipeline_top_k_breaks_ties_by_worker_id_whatever_the_fleet_order() -> None:
+def test_pipeline_top_k_breaks_ties_the_same_way_whatever_the_fleet_order() -> None:
     ws = [worker(wid, 100) for wid in ("e", "c", "a", "d", "b")]
     only_keep: Filter = _OnlyKeep("c")
     pipeline = Pipeline(
         filters=(only_keep,),
         scorers=(WeightedScorer(FreeTokensAfterPlacement(), 1.0), WeightedScorer(_Exploding(), 0.0)),
     )
-    assert [w.worker_id for w in pipeline.top(request(), fleet(*ws), 2)] == ["a", "b"]
-    assert [w.worker_id for w in pipeline.rank(request(), fleet(*ws))] == ["a", "b", "d", "e"]
+    ranked = [w.worker_id for w in pipeline.rank(request(), fleet(*ws))]
+    assert sorted(ranked) == ["a", "b", "d", "e"]
+    for order in (ws, ws[::-1], ws[2:] + ws[:2]):
+        assert [w.worker_id for w in pipeline.rank(request(), fleet(*order))] == ranked
+        assert [w.worker_id for w in pipeline.top(request(), fleet(*order), 2)] == ranked[:2]
     assert pipeline.top(request(), fleet(*ws), 0) == []
+
+
+def test_ties_spread_over_equally_good_workers() -> None:
+    # An idle fleet scores every worker the same: each session must not go to the same one.
+    ws = [worker(f"w{i}", 100) for i in range(8)]
+    pipeline = Pipeline(filters=(), scorers=(WeightedScorer(FreeTokensAfterPlacement(), 1.0),))
+    firsts = Counter(
+        pipeline.top(dataclasses.replace(request(), session_id=f"s{i}"), fleet(*ws), 1)[0].worker_id
+        for i in range(800)
+    )
+    assert len(firsts) == 8 and max(firsts.values()) < 2 * min(firsts.values()), firsts
 
 
 def test_candidates_are_capped_by_config() -> None:
