@@ -34,6 +34,11 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     # Gateways ping workers every 5 s (WORKER_CHANNEL_OPTIONS); allow that without strikes.
     ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Clients re-connect (GOAWAY) every 5 minutes, so connections spread onto replicas that were
+    # added or restarted since (a layer-4 balancer or dns:/// round robin only balances
+    # connections); streams in flight get 10 more minutes to finish on the old one.
+    ("grpc.max_connection_age_ms", 300_000),
+    ("grpc.max_connection_age_grace_ms", 600_000),
 ]
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
