@@ -32,7 +32,6 @@ from gpu_worker.vllm_engine import (
     VllmApi,
     VllmEngine,
     VllmEngineConfig,
-    _KvEventSubscriber,
     block_hash_to_int,
     engine_args_kwargs,
     kv_events_config_kwargs,
@@ -43,6 +42,7 @@ from gpu_worker.vllm_engine import (
     map_request_output,
     stat_logger_class,
 )
+from gpu_worker.vllm_kv_events import KvEventSubscriber as _KvEventSubscriber
 
 pytestmark = pytest.mark.vllm
 
