@@ -126,7 +126,9 @@ class TelemetryPublisher:
     async def run(self) -> None:
         """Publish until stop(); reconnect with capped exponential backoff when the broker is away."""
         status_topic = topics.topic(self._id.worker_id, topics.STATUS)
-        backoff = Backoff()
+        # Capped at 5 s, well inside the scheduler's --dead-after (10 s) grace after a broker
+        # outage: every worker is back before its silence would count against it.
+        backoff = Backoff(cap_s=5.0)
         while not self._stopping:
             try:
                 async with self._broker.client(

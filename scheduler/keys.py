@@ -7,7 +7,10 @@ WORKERS = "kvgate:workers"  # SET of worker ids ever seen (the registry index)
 SHED_BY_TIER = "kvgate:shed_by_tier"  # HASH tier -> requests shed
 # STRING: Redis time (ms) at which some scheduler's telemetry ingest was last connected to the
 # broker. Worker ages are measured against it, so a broker outage freezes them (see store.py).
-TELEMETRY_CLOCK = "kvgate:telemetry:clock"
+TELEMETRY_CLOCK = "kvgate:{telemetry}:clock"
+# STRING: Redis time (ms) at which the clock last resumed after a gap (the broker came back):
+# ages count from no earlier than this, so workers get time to reconnect. Same slot as the clock.
+TELEMETRY_RESUMED = "kvgate:{telemetry}:resumed"
 
 
 def worker_info(worker_id: str) -> str:

@@ -80,6 +80,9 @@ class FleetStore:
         self._tick_clock = client.register_script(_lua("telemetry_clock.lua"))
         # Telemetry clock + slack (ms) when the broker is away, 0 when telemetry flows.
         self.frozen_clock_ms = 0
+        # When telemetry last resumed after a gap (ms, 0: never): when the broker comes back,
+        # workers get --dead-after from then to reconnect before their silence counts.
+        self.resumed_ms = 0
 
     async def ingest_stats(self, stats: telemetry_pb2.WorkerStats) -> None:
         state = _LIFECYCLE_TO_STATE.get(stats.state, WorkerState.READY)
@@ -170,14 +173,16 @@ class FleetStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.time()
             pipe.get(keys.TELEMETRY_CLOCK)
+            pipe.get(keys.TELEMETRY_RESUMED)
             for wid in ids:
                 pipe.hgetall(keys.worker_info(wid))
             replies = await pipe.execute()
         seconds, micros = replies[0]
         now_ms = self._age_clock_ms(seconds * 1000 + micros // 1000, replies[1])
+        self.resumed_ms = int(replies[2] or 0)
         workers: dict[str, WorkerView] = {}
         for i, wid in enumerate(ids):
-            info = _decode(replies[2 + i])
+            info = _decode(replies[3 + i])
             if "blocks_total" not in info:
                 continue
             workers[wid] = WorkerView(
@@ -199,7 +204,7 @@ class FleetStore:
                 prefill_tokens_per_s=float(info.get("prefill_tokens_per_s", "0"))
                 or DEFAULT_PREFILL_TOKENS_PER_S,
                 max_num_seqs=int(info.get("max_num_seqs", "0")) or DEFAULT_MAX_NUM_SEQS,
-                age_s=max(0.0, (now_ms - int(info.get("seen_ms", "0"))) / 1000),
+                age_s=max(0.0, (now_ms - max(int(info.get("seen_ms", "0")), self.resumed_ms)) / 1000),
                 address=info.get("address", ""),
                 engine=info.get("engine", ""),
             )
@@ -232,7 +237,10 @@ class FleetStore:
 
     async def tick_telemetry_clock(self) -> None:
         """Advance the telemetry clock (the ingest calls this while connected to the broker)."""
-        await self._tick_clock(keys=[keys.TELEMETRY_CLOCK], args=[TELEMETRY_CLOCK_TTL_MS])
+        await self._tick_clock(
+            keys=[keys.TELEMETRY_CLOCK, keys.TELEMETRY_RESUMED],
+            args=[TELEMETRY_CLOCK_TTL_MS, TELEMETRY_CLOCK_SLACK_MS],
+        )
 
     async def reserve(
         self, worker_id: str, request_id: str, tokens: int, *, allow_draining: bool = False
@@ -246,6 +254,7 @@ class FleetStore:
                 int(self.settings.dead_after_s * 1000),
                 "1" if allow_draining else "0",
                 self.frozen_clock_ms,
+                self.resumed_ms,
             ],
         )
         return ReserveResult(ReserveStatus(int(status)), int(free_after))

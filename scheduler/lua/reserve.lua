@@ -2,7 +2,8 @@
 -- KEYS: info hash, reservation hash, reservation expiry zset (one hash tag: one slot).
 -- ARGV[1] request id, ARGV[2] tokens, ARGV[3] reservation ttl ms, ARGV[4] dead-after ms,
 -- ARGV[5] "1" if a draining worker may still take it, ARGV[6] telemetry clock ms (0: none):
--- when it is behind Redis time the broker is away, and ages are measured against it.
+-- when it is behind Redis time the broker is away, and ages are measured against it;
+-- ARGV[7] telemetry resume time ms (0: none): ages count from no earlier than it.
 -- Returns {status, free_after}: 1 reserved, 0 does not fit, -1 unknown worker,
 -- -2 not accepting (offline/draining/dead).
 local info, resv, expiry = KEYS[1], KEYS[2], KEYS[3]
@@ -19,7 +20,7 @@ local age_now = now
 if clock > 0 and clock < now then
   age_now = clock
 end
-if age_now - tonumber(w[5]) > tonumber(ARGV[4]) then
+if age_now - math.max(tonumber(w[5]), tonumber(ARGV[7] or '0')) > tonumber(ARGV[4]) then
   return {-2, 0}
 end
 prune_expired(info, resv, expiry, now)

@@ -56,6 +56,9 @@ class ComposeFleet:
     env: dict[str, str]
     keys: dict[str, str] = field(default_factory=dict)  # tier -> API key
     http_base_url: str = ""
+    # service -> container id: looked up once (docker-compose takes a second to start), so a
+    # fault lands the moment the test asks for it. `docker start` keeps the id.
+    _ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def api_key(self) -> str:
@@ -74,9 +77,15 @@ class ComposeFleet:
         )
 
     def container(self, service: str) -> str:
-        cid = self.compose("ps", "-q", service).stdout.strip()
-        assert cid, f"no container for service {service}"
-        return cid
+        if service not in self._ids:
+            cid = self.compose("ps", "-q", service).stdout.strip()
+            assert cid, f"no container for service {service}"
+            self._ids[service] = cid
+        return self._ids[service]
+
+    def forget_containers(self) -> None:
+        """After `compose up` re-created containers."""
+        self._ids.clear()
 
     def docker(self, *args: str, timeout: float = 120) -> str:
         return subprocess.run(
@@ -168,6 +177,10 @@ def compose_fleet() -> Iterator[ComposeFleet]:
         keys = {tier: _create_key(fleet, tier) for tier in ("free", "plus", "enterprise")}
         fleet = dataclasses.replace(fleet, keys=keys)
         fleet.wait_for_states(dict.fromkeys(WORKERS, "ready"))
+        for service in ("redis", "mosquitto", "gateway-1", "gateway-2", "scheduler-1", "scheduler-2"):
+            fleet.container(service)
+        for w in WORKERS:
+            fleet.container(f"worker-{w}")
         yield fleet
     finally:
         logs = fleet.compose("logs", "--no-color", "--tail", "25", check=False)

@@ -44,13 +44,18 @@ def _load(fleet: ComposeFleet, rate: float, seed: int, max_tokens: int = 48) -> 
 
 
 async def _under_load(
-    fleet: ComposeFleet, rate: float, seed: int, fault: Callable[[], Awaitable[None]]
+    fleet: ComposeFleet,
+    rate: float,
+    seed: int,
+    fault: Callable[[], Awaitable[None]],
+    max_tokens: int = 48,
 ) -> tuple[LoadReport, float]:
     """Run load, inject the fault once the load is flowing, stop issuing when it is over, and
     return the report with the fault's start as seconds from the start of the run."""
     stop = asyncio.Event()
     started = time.monotonic()
-    load = asyncio.create_task(run_load(_load(fleet, rate, seed), stop=stop, progress_interval_s=3600))
+    config = _load(fleet, rate, seed, max_tokens)
+    load = asyncio.create_task(run_load(config, stop=stop, progress_interval_s=3600))
     await asyncio.sleep(4)
     fault_at = time.monotonic() - started
     try:
@@ -93,40 +98,45 @@ def _assert_clean(report: LoadReport) -> None:
 
 async def test_sigkill_a_worker_mid_stream_20_times(compose_fleet: ComposeFleet, fault_row: FaultRow) -> None:
     fleet = compose_fleet
-    kills, resumed, moved = 20, 0, 0
+    kills, resumed, moved, answer = 20, 0, 0, 600
     async with ChatClient(fleet.gateway, api_key=fleet.keys["enterprise"]) as client:
         for i in range(kills):
             session = await client.create_session()
             parts: list[str] = []
             worker, killed, done = "", "", None
-            async for event in client.send(session.session_id, f"tell me long story number {i}", 300):
-                kind = event.WhichOneof("event")
-                if kind == "placement":
-                    worker = event.placement.worker_id
-                elif kind == "delta":
-                    parts.append(event.delta.text)
-                    if len(parts) == 2 and not killed:
-                        killed = worker
-                        await asyncio.to_thread(fleet.docker, "kill", fleet.container(f"worker-{killed}"))
-                elif kind == "done":
-                    done = event.done
-            assert killed and done is not None, "the stream ended without a final event"
-            text = "".join(parts)
-            assert done.usage.completion_tokens == 300 == len(TOKENIZER.encode(text)), "missing/repeated text"
-            stored = (await client.get_session(session.session_id)).turns
-            assert stored[-1].assistant == text
-            resumed += done.usage.resumed
-            # The conversation now lives where it was finished; its next turn goes there.
-            assert stored[-1].worker_id != killed
-            _, _, placement = await client.reply(session.session_id, "and then?", 8)
-            assert placement.worker_id != killed
-            moved += 1
-            # The orchestrator's part (`docker kill` counts as a manual stop, so no auto-restart).
-            await asyncio.to_thread(fleet.docker, "start", fleet.container(f"worker-{killed}"))
-            await asyncio.to_thread(fleet.wait_for_states, {killed: "ready"})
+            try:
+                async for event in client.send(session.session_id, f"tell me long story number {i}", answer):
+                    kind = event.WhichOneof("event")
+                    if kind == "placement":
+                        worker = event.placement.worker_id
+                    elif kind == "delta":
+                        parts.append(event.delta.text)
+                        if len(parts) == 2 and not killed:
+                            killed = worker
+                            await asyncio.to_thread(fleet.docker, "kill", fleet.container(f"worker-{killed}"))
+                    elif kind == "done":
+                        done = event.done
+                assert killed and done is not None, "the stream ended without a final event"
+                text = "".join(parts)
+                assert done.usage.completion_tokens == answer == len(TOKENIZER.encode(text)), "text lost"
+                stored = (await client.get_session(session.session_id)).turns
+                assert stored[-1].assistant == text
+                if done.usage.resumed:
+                    resumed += 1
+                    # The conversation now lives where it was finished.
+                    assert stored[-1].worker_id != killed
+                # Its next turn cannot go to the dead worker, pinned or not.
+                _, _, placement = await client.reply(session.session_id, "and then?", 8)
+                assert placement.worker_id != killed
+                moved += 1
+            finally:
+                if killed:  # the orchestrator's part: `docker kill` is a manual stop for Docker
+                    await asyncio.to_thread(fleet.docker, "start", fleet.container(f"worker-{killed}"))
+                    await asyncio.to_thread(fleet.wait_for_states, {killed: "ready"})
     fault_row.requests, fault_row.resumed = 2 * kills, resumed
     fault_row.note = f"{kills} kills; next turn elsewhere {moved}/{kills}"
-    # The kill lands after the second delta of a 300-token answer: nearly always mid-answer.
+    # The kill lands after the second delta of a 600-token answer: nearly always mid-answer (it
+    # can miss when the gateway already relayed the whole answer and the client has not read it).
     assert resumed >= kills * 3 // 4, f"only {resumed}/{kills} streams were resumed"
 
 
@@ -138,28 +148,31 @@ async def test_a_region_cut_off_for_30_s(compose_fleet: ComposeFleet, fault_row:
     offline_after: list[float] = []
     cut_window: list[float] = []
 
+    async def reconnect() -> None:
+        for w in cut:
+            worker = fleet.container(f"worker-{w}")
+            attached = await asyncio.to_thread(
+                fleet.docker, "inspect", "-f", "{{json .NetworkSettings.Networks}}", worker
+            )
+            if network not in attached:
+                # The compose service name is the address the gateways and schedulers use.
+                await asyncio.to_thread(
+                    fleet.docker, "network", "connect", "--alias", f"worker-{w}", network, worker
+                )
+
     async def cut_region() -> None:
         t0 = time.monotonic()
-        for w in cut:
-            await asyncio.to_thread(
-                fleet.docker, "network", "disconnect", network, fleet.container(f"worker-{w}")
-            )
-        offline_after.append(
-            await asyncio.to_thread(fleet.wait_for_states, dict.fromkeys(cut, "offline"), 60)
-        )
-        cut_window.append(time.monotonic())
-        await asyncio.sleep(max(0.0, 30 - (time.monotonic() - t0)))
-        cut_window.append(time.monotonic())
-        for w in cut:
-            await asyncio.to_thread(
-                fleet.docker,
-                "network",
-                "connect",
-                "--alias",
-                f"worker-{w}",
-                network,
-                fleet.container(f"worker-{w}"),
-            )
+        try:
+            for w in cut:
+                worker = fleet.container(f"worker-{w}")
+                await asyncio.to_thread(fleet.docker, "network", "disconnect", network, worker)
+            offline = dict.fromkeys(cut, "offline")
+            offline_after.append(await asyncio.to_thread(fleet.wait_for_states, offline, 60))
+            cut_window.append(time.monotonic())
+            await asyncio.sleep(max(0.0, 30 - (time.monotonic() - t0)))
+            cut_window.append(time.monotonic())
+        finally:
+            await reconnect()
         await asyncio.to_thread(fleet.wait_for_states, dict.fromkeys(cut, "ready"), 90)
 
     run_started = time.monotonic()
@@ -171,7 +184,9 @@ async def test_a_region_cut_off_for_30_s(compose_fleet: ComposeFleet, fault_row:
     _fill_row(fault_row, report, lost, f"offline after {offline_after[0]:.1f} s")
     _assert_clean(report)
     assert lost == 0
-    assert offline_after[0] <= 1.5 * MQTT_KEEPALIVE_S + 5, "the broker's last-will came too late"
+    # The broker's last-will after 1.5 x keepalive, the ingest's 1 s confirmation, and slack
+    # for a busy machine (status polls spawn docker-compose).
+    assert offline_after[0] <= 1.5 * MQTT_KEEPALIVE_S + 1 + 7, "the broker's last-will came too late"
     assert not placed_in_cut, (
         f"placed in the cut-off region: {[(r.index, r.worker_id) for r in placed_in_cut]}"
     )
@@ -190,14 +205,16 @@ async def test_redis_restart_loses_no_acknowledged_turn(
         before = {s: list((await client.get_session(s)).turns) for s in sessions}
 
         await asyncio.to_thread(fleet.docker, "stop", fleet.container("redis"))
-        # While Redis is down: UNAVAILABLE with a retry hint, for reads and writes alike.
-        for call in (client.create_session(), client.get_session(sessions[0])):
-            with pytest.raises(grpc.aio.AioRpcError) as failure:
-                await call
-            assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
-            trailing = dict(failure.value.trailing_metadata() or ())
-            assert int(trailing["grpc-retry-pushback-ms"]) > 0
-        await asyncio.to_thread(fleet.docker, "start", fleet.container("redis"))
+        try:
+            # While Redis is down: UNAVAILABLE with a retry hint, for reads and writes alike.
+            for call in (client.create_session(), client.get_session(sessions[0])):
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await call
+                assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+                trailing = dict(failure.value.trailing_metadata() or ())
+                assert int(trailing["grpc-retry-pushback-ms"]) > 0
+        finally:
+            await asyncio.to_thread(fleet.docker, "start", fleet.container("redis"))
         await asyncio.to_thread(fleet.wait_healthy, "redis")
 
         # Nothing else restarted: the gateways and schedulers reconnect by themselves.
@@ -225,10 +242,12 @@ async def test_mosquitto_stopped_for_30_s(compose_fleet: ComposeFleet, fault_row
 
     async def stop_broker() -> None:
         await asyncio.to_thread(fleet.docker, "stop", fleet.container("mosquitto"))
-        for _ in range(3):
-            await asyncio.sleep(10)
-            states_during.append(await asyncio.to_thread(fleet.worker_states))
-        await asyncio.to_thread(fleet.docker, "start", fleet.container("mosquitto"))
+        try:
+            for _ in range(3):
+                await asyncio.sleep(10)
+                states_during.append(await asyncio.to_thread(fleet.worker_states))
+        finally:
+            await asyncio.to_thread(fleet.docker, "start", fleet.container("mosquitto"))
         t0 = time.monotonic()
         while True:
             status = await asyncio.to_thread(fleet.fleet_status)
@@ -255,17 +274,24 @@ async def test_kill_one_gateway_and_one_scheduler_replica(
     fleet = compose_fleet
 
     async def kill_replicas() -> None:
-        victims = [fleet.container("gateway-1"), fleet.container("scheduler-1")]
-        await asyncio.to_thread(fleet.docker, "kill", *victims)
-        await asyncio.sleep(10)
-        await asyncio.to_thread(fleet.docker, "start", *victims)
-        await asyncio.to_thread(fleet.wait_healthy, "gateway-1", "scheduler-1")
+        # The load runs on one client connection, which the balancer gave to one gateway: kill
+        # each pair in turn so the connection in use surely dies once.
+        for n in (1, 2):
+            victims = [fleet.container(f"gateway-{n}"), fleet.container(f"scheduler-{n}")]
+            await asyncio.to_thread(fleet.docker, "kill", *victims)
+            try:
+                await asyncio.sleep(8)
+            finally:
+                await asyncio.to_thread(fleet.docker, "start", *victims)
+            await asyncio.to_thread(fleet.wait_healthy, f"gateway-{n}", f"scheduler-{n}")
 
-    report, _ = await _under_load(fleet, rate=4, seed=5, fault=kill_replicas)
+    # Long answers keep several streams open on the connection whenever a gateway dies.
+    report, _ = await _under_load(fleet, rate=4, seed=5, fault=kill_replicas, max_tokens=400)
     lost = await _lost_turns(fleet, report)
-    _fill_row(fault_row, report, lost)
+    _fill_row(fault_row, report, lost, "each gateway+scheduler pair killed for 8 s in turn")
     _assert_clean(report)
     assert lost == 0
+    assert sum(r.retries for r in report.records) >= 1, "no request saw a dead gateway"
 
 
 async def test_rolling_restart_of_every_worker_with_drain(
@@ -276,8 +302,10 @@ async def test_rolling_restart_of_every_worker_with_drain(
     async def rolling_restart() -> None:
         for w in WORKERS:
             # SIGTERM: the worker says DRAINING, finishes what it runs, then exits.
-            await asyncio.to_thread(fleet.docker, "stop", "-t", "65", fleet.container(f"worker-{w}"))
-            await asyncio.to_thread(fleet.docker, "start", fleet.container(f"worker-{w}"))
+            try:
+                await asyncio.to_thread(fleet.docker, "stop", "-t", "65", fleet.container(f"worker-{w}"))
+            finally:
+                await asyncio.to_thread(fleet.docker, "start", fleet.container(f"worker-{w}"))
             await asyncio.to_thread(fleet.wait_for_states, {w: "ready"})
 
     report, _ = await _under_load(fleet, rate=3, seed=6, fault=rolling_restart)
@@ -300,9 +328,8 @@ async def test_a_full_fleet_sheds_free_tier_first(compose_fleet: ComposeFleet, f
     await asyncio.to_thread(
         fleet.compose, "up", "-d", "--no-deps", *(f"worker-{w}" for w in WORKERS), env=small, timeout=300
     )
+    fleet.forget_containers()
     await asyncio.to_thread(fleet.wait_for_states, dict.fromkeys(WORKERS, "ready"), 120)
-    for w in WORKERS:  # the new containers' own (small) capacity is what the scheduler sees
-        await asyncio.to_thread(fleet.wait_for_states, {w: "ready"})
 
     async def one_turn(tier: str, content: str, max_tokens: int) -> grpc.StatusCode | str:
         async with ChatClient(fleet.gateway, api_key=fleet.keys[tier]) as client:

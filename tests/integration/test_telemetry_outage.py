@@ -27,9 +27,11 @@ async def test_worker_ages_freeze_at_the_last_broker_contact(clean_redis: str) -
     client = connect_redis(clean_redis)
     store = FleetStore(client, StoreSettings(dead_after_s=10, stale_after_s=2))
     try:
-        # Telemetry flowing: the clock is current and ages are real.
+        # Telemetry flowing (the first tick counts as a resume; let it be long past): the clock
+        # is current and ages are real.
         await _worker_seen_ago(client, store, 0.1)
         await store.tick_telemetry_clock()
+        await client.set(keys.TELEMETRY_RESUMED, await _redis_ms(client) - 60_000)
         fleet = await store.read_fleet()
         assert fleet.workers["w1"].age_s < 1 and store.frozen_clock_ms == 0
 
@@ -42,10 +44,16 @@ async def test_worker_ages_freeze_at_the_last_broker_contact(clean_redis: str) -
         assert fleet.is_alive(fleet.workers["w1"])
         assert (await store.reserve("w1", "r1", 64)).status == ReserveStatus.RESERVED
 
-        # A worker silent while the broker is up is dead, as before.
+        # The broker is back: the worker gets --dead-after from now to reconnect.
         await store.tick_telemetry_clock()
         fleet = await store.read_fleet()
-        assert not fleet.is_alive(fleet.workers["w1"]) and store.frozen_clock_ms == 0
+        assert fleet.is_alive(fleet.workers["w1"]) and store.frozen_clock_ms == 0
+        assert fleet.workers["w1"].age_s < 1
+
+        # Still silent 20 s after the broker came back: dead, as any silent worker.
+        await client.set(keys.TELEMETRY_RESUMED, await _redis_ms(client) - 20_000)
+        fleet = await store.read_fleet()
+        assert not fleet.is_alive(fleet.workers["w1"])
         assert (await store.reserve("w1", "r2", 64)).status == ReserveStatus.NOT_ACCEPTING
     finally:
         await client.aclose()
