@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 TURNS = Counter("kvgate_gateway_turns_total", "Send calls by outcome", ["outcome"])
 TTFT_SECONDS = Histogram(
@@ -10,6 +10,7 @@ TTFT_SECONDS = Histogram(
     "Time to first token seen by the gateway",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
+IN_FLIGHT_TURNS = Gauge("kvgate_gateway_inflight_turns", "Turns streaming right now", ["tier"])
 FAILOVERS = Counter(
     "kvgate_gateway_failovers_total", "Turns moved to another worker mid-request", ["after_first_token"]
 )

@@ -19,7 +19,7 @@ from gateway import affinity, prompt
 from gateway.aborts import REDIS_DOWN_RETRY_MS, abort, abort_with_pushback, redis_down
 from gateway.auth import Caller
 from gateway.gate import Gate
-from gateway.metrics import TTFT_SECONDS, TURNS
+from gateway.metrics import IN_FLIGHT_TURNS, TTFT_SECONDS, TURNS
 from gateway.relay import AtCapacity, PlacementUnavailable, TurnJob, TurnProgress, TurnRejected
 from gateway.sessions import SessionStore, now_ms
 from gateway.validation import Limits, check_max_tokens, check_messages, check_text, quoted
@@ -159,6 +159,8 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         )
         runner = self._quarantine if caller.quarantined else self._runner
         progress = TurnProgress()
+        in_flight = IN_FLIGHT_TURNS.labels(tier=caller.tier)
+        in_flight.inc()
         try:
             async for event in runner.stream(job, progress):
                 yield event
@@ -176,6 +178,8 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         except grpc.aio.AioRpcError as exc:
             TURNS.labels(outcome="deadline").inc()
             await abort(context, exc.code(), exc.details() or "turn failed")
+        finally:
+            in_flight.dec()
 
         finished = time.monotonic()
         ttft = (progress.first_token_at or finished) - progress.started_at

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from gpu_worker.engine import EngineStats
 
 GENERATE_REQUESTS = Counter("kvgate_worker_generate_requests_total", "Generate RPCs by outcome", ["outcome"])
+TTFT_SECONDS = Histogram(
+    "kvgate_worker_ttft_seconds",
+    "Time from a Generate call to its first output token (queueing + prefill)",
+    ["engine"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+# Per token, at the source: the gateway coalesces tokens into larger deltas, so gaps seen by
+# clients are not token gaps.
+ITL_SECONDS = Histogram(
+    "kvgate_worker_itl_seconds",
+    "Inter-token latency: time between output chunks divided by the tokens they carry",
+    ["engine"],
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1),
+)
 KV_BLOCKS = Gauge("kvgate_worker_kv_blocks", "KV cache blocks by state", ["engine", "state"])
 RUNNING = Gauge("kvgate_worker_running_requests", "Requests in the running batch", ["engine"])
 WAITING = Gauge("kvgate_worker_waiting_requests", "Requests waiting for admission", ["engine"])

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
 from gpu_worker.engine import ChatMessage, Engine, EngineChunk, EngineError, EngineRequest
-from gpu_worker.metrics import GENERATE_REQUESTS
+from gpu_worker.metrics import GENERATE_REQUESTS, ITL_SECONDS, TTFT_SECONDS
 from kvgate.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         outcome = "cancelled"
         try:
             # aclosing: a cancelled RPC must close the engine stream now, which aborts the request.
+            ttft = TTFT_SECONDS.labels(self._engine.kind)
+            itl = ITL_SECONDS.labels(self._engine.kind)
+            last = time.monotonic()
+            first = True
             async with contextlib.aclosing(_closable(self._engine.generate(engine_request))) as stream:
                 async for chunk in stream:
+                    if chunk.num_tokens:
+                        now = time.monotonic()
+                        if first:
+                            ttft.observe(now - last)
+                            first = False
+                        else:
+                            gap = (now - last) / chunk.num_tokens
+                            for _ in range(min(chunk.num_tokens, 64)):
+                                itl.observe(gap)
+                        last = now
                     yield worker_pb2.GenerateChunk(
                         text=chunk.text,
                         num_tokens=chunk.num_tokens,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from kvgate.v1 import chat_pb2, chat_pb2_grpc
 from tests.integration.fleet import Fleet
@@ -74,3 +75,25 @@ async def test_bad_input_names_the_field(fleet: Fleet) -> None:
         # Nothing was stored by the rejected turns.
         stored = await stub.GetSession(chat_pb2.GetSessionRequest(session_id=session.session_id))
         assert len(stored.turns) == 0
+
+
+async def test_turns_show_in_the_latency_and_in_flight_metrics(fleet: Fleet) -> None:
+    def sample(name: str, labels: dict[str, str]) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    await fleet.start({"w1": ("us-east", 2000)})
+    itl_before = sample("kvgate_worker_itl_seconds_count", {"engine": "sim"})
+    ttft_before = sample("kvgate_worker_ttft_seconds_count", {"engine": "sim"})
+    async with fleet.client() as client:
+        session = await client.create_session()
+        seen_in_flight = 0.0
+        async for event in client.send(session.session_id, "count the tokens", 24):
+            if event.WhichOneof("event") == "delta":
+                seen_in_flight = max(
+                    seen_in_flight, sample("kvgate_gateway_inflight_turns", {"tier": "free"})
+                )
+    # Every token after the first is one ITL observation (the gateway's coalescing does not matter).
+    assert sample("kvgate_worker_itl_seconds_count", {"engine": "sim"}) - itl_before == 23
+    assert sample("kvgate_worker_ttft_seconds_count", {"engine": "sim"}) - ttft_before == 1
+    assert seen_in_flight >= 1
+    assert sample("kvgate_gateway_inflight_turns", {"tier": "free"}) == 0
