@@ -110,6 +110,8 @@ class WorkerService:
     def _announce_drain(self) -> None:
         if self.telemetry is not None:
             self.telemetry.set_state(DRAINING)
+        # Health NOT_SERVING too, so orchestrators (readiness probes) see the drain as well.
+        self._tasks.spawn("drain-health", self.host.set_serving(False))
 
     async def start(self) -> None:
         await self.engine.start()

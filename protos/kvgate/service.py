@@ -61,8 +61,14 @@ WORKER_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
+# A health "service" that stays SERVING while the process runs, draining included: liveness
+# probes check it, readiness probes check the overall status (NOT_SERVING while draining), so an
+# orchestrator stops routing to a draining process without killing it mid-drain.
+LIVENESS_SERVICE = "kvgate.liveness"
+
+
 class GrpcHost:
-    """A grpc.aio server with health (per service and overall) and reflection."""
+    """A grpc.aio server with health (per service, overall and liveness) and reflection."""
 
     def __init__(
         self, listen: str, service_names: Iterable[str], tls: TlsFiles | None = None, loopback: bool = False
@@ -92,6 +98,7 @@ class GrpcHost:
         if self._loopback:
             self.loopback_port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.set_serving(True)
 
     async def set_serving(self, serving: bool) -> None:

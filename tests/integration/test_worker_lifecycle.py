@@ -10,10 +10,12 @@ import time
 
 import aiomqtt
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvgate import topics
 from kvgate.containers import MosquittoServer
 from kvgate.mqtt_url import MqttUrl
+from kvgate.service import LIVENESS_SERVICE
 from kvgate.v1 import telemetry_pb2, worker_pb2, worker_pb2_grpc
 from tests.integration.fleet import Fleet
 
@@ -77,6 +79,18 @@ async def test_draining_worker_refuses_new_requests_and_finishes_in_flight(fleet
             raise AssertionError("a draining worker accepted a new request")
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE and "draining" in (exc.details() or "")
+
+        # Readiness probes see the drain too.
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(50):
+            status = (await health.Check(health_pb2.HealthCheckRequest())).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            await asyncio.sleep(0.02)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # ... while liveness probes must not kill it mid-drain.
+        alive = await health.Check(health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE))
+        assert alive.status == health_pb2.HealthCheckResponse.SERVING
 
         tokens = first.num_tokens
         finished = False
