@@ -44,7 +44,8 @@ from scheduler.fleetsim.bounds import InfiniteCache, PooledLru
 from scheduler.fleetsim.engine import FleetEngine
 from scheduler.fleetsim.metrics import RunData
 from scheduler.fleetsim.trace import PrefixHasher, Trace, TraceRequest, prompt_token_ids, tier_of
-from scheduler.policy import FleetView, PlacementRequest, Policy, Shed, WorkerState, WorkerView
+from scheduler.policy import PlacementRequest, Policy, Shed, WorkerState, WorkerView
+from scheduler.policy.fleet_index import IndexedFleetView
 
 # Event kinds. Their order does not matter: ties on the clock go by scheduling order.
 _TICK = 0
@@ -254,7 +255,8 @@ class FleetSim:
         for w in self._workers:
             w.view = self._make_view(w)
             self._views[w.spec.worker_id] = w.view
-        self.fleet = FleetView(workers=self._views)
+        # Indexed: the kvgate pipeline then scores a few classes of workers, not all of them.
+        self.fleet = IndexedFleetView(workers=self._views)
         self._heap: list[tuple[float, int, int, object, int]] = []
         self._seq = 0
         self._now = 0.0
@@ -426,7 +428,7 @@ class FleetSim:
             return False
         w.reserved += need
         w.view = replace(w.view, reserved_tokens=w.reserved)
-        self._views[wid] = w.view
+        self.fleet.put(w.view)
         tr = req.trace
         self._pins[tr.session_id] = (wid, t)
         if req.pinned is None:
@@ -487,7 +489,7 @@ class FleetSim:
         """Telemetry: every worker whose engine changed publishes stats and KV events; the
         scheduler releases the reservations of requests its engine has now seen."""
         self._ticks += 1
-        views = self._views
+        put = self.fleet.put
         for w in self._dirty:
             w.dirty = False
             if w.engine_dirty:
@@ -507,7 +509,7 @@ class FleetSim:
             self._sum_used += view.num_blocks_used
             self._sum_running += view.running
             w.view = view
-            views[w.spec.worker_id] = view
+            put(view)
             if w.waiters:
                 for req in list(w.waiters):
                     if self._commit(req, w.spec.worker_id, t):
