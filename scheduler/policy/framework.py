@@ -56,10 +56,12 @@ class Pipeline:
     _selectors: tuple[_Selector, ...] = field(init=False, repr=False, compare=False)
     # Whether top() may use fleet_index.fast_top on an IndexedFleetView (default signals only).
     _indexable: bool = field(init=False, repr=False, compare=False)
+    _plan: tuple[tuple[int, object, float], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_selectors", tuple(_selector(f) for f in self.filters))
         object.__setattr__(self, "_indexable", fleet_index.applies(self))
+        object.__setattr__(self, "_plan", fleet_index.scoring_plan(self))
 
     def keeps(self, request: PlacementRequest, worker: WorkerView, fleet: FleetView) -> bool:
         """Whether one worker passes every filter."""
@@ -103,7 +105,7 @@ class Pipeline:
         workers scoring at least that much are sorted.
         """
         if k is not None and self._indexable and isinstance(fleet, fleet_index.IndexedFleetView):
-            fast = fleet_index.fast_top(self, request, fleet, k, _tie_break)
+            fast = fleet_index.fast_top(self, request, fleet, k, _tie_break, self._plan)
             if fast is not None:
                 return fast
         workers = self.feasible(request, fleet)
