@@ -36,8 +36,16 @@ def session_pin(session_id: str) -> str:
 
 
 def worker_blocks(worker_id: str) -> str:
-    """SET of the KV block hashes the worker holds (its prefix cache, from its KV events)."""
+    """SET of the KV block hashes the worker holds (its prefix cache, from its KV events): the
+    authoritative copy, updated atomically with the worker's KV event sequence number."""
     return f"kvgate:w:{{{worker_id}}}:blocks"
+
+
+def block_workers(block_hash: int) -> str:
+    """SET of the workers holding one KV block: the prefix index placement reads, so a lookup
+    costs one command per prompt block, whatever the fleet's size. Each block hashes to its own
+    Cluster slot; it is maintained outside the worker's Lua script (see FleetStore.ingest_kv)."""
+    return f"kvgate:b:{{{block_hash}}}"
 
 
 def worker_pins(worker_id: str) -> str:

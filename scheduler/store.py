@@ -111,6 +111,9 @@ class FleetStore:
             value = getattr(status, field)
             if value:
                 mapping[field] = value
+        cached: list[bytes | str] = []
+        if state == WorkerState.OFFLINE:
+            cached = list(await self._redis.smembers(keys.worker_blocks(status.worker_id)))
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(info, mapping=mapping)
             if state == WorkerState.OFFLINE:
@@ -123,47 +126,102 @@ class FleetStore:
                 )
                 pipe.hset(info, "reserved", 0)
             await pipe.execute()
+        if cached:
+            await self._unindex_blocks(status.worker_id, cached)
         await self._redis.sadd(keys.WORKERS, status.worker_id)
 
     async def ingest_kv(self, events: telemetry_pb2.KvEvents) -> None:
         wid = events.worker_id
-        await self._ingest_kv(
+        ttl_ms = int(self.settings.prefix_index_ttl_s * 1000)
+        result = await self._ingest_kv(
             keys=[keys.worker_info(wid), keys.worker_blocks(wid)],
             args=[
                 events.seq,
                 "1" if events.all_cleared else "0",
-                int(self.settings.prefix_index_ttl_s * 1000),
+                ttl_ms,
                 len(events.stored_block_hashes),
                 *events.stored_block_hashes,
                 *events.removed_block_hashes,
             ],
         )
+        if not int(result[0]):
+            return  # a batch another replica (or this one) already applied
+        # Mirror the applied batch into the block -> workers index. Block keys live in many
+        # Cluster slots, so this is a pipeline after the worker's script rather than part of it:
+        # should two replicas' mirrors of consecutive batches interleave, a stale entry can
+        # survive until its ttl, which costs a wrong guess of a cached prefix, never a wrong
+        # commit (reservations are checked against the worker's own accounting).
+        cleared = result[1:]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for block_hash in cleared:
+                pipe.srem(keys.block_workers(int(block_hash)), wid)
+            for block_hash in events.stored_block_hashes:
+                key = keys.block_workers(block_hash)
+                pipe.sadd(key, wid)
+                pipe.pexpire(key, ttl_ms)
+            for block_hash in events.removed_block_hashes:
+                pipe.srem(keys.block_workers(block_hash), wid)
+            await pipe.execute()
+
+    async def _unindex_blocks(self, worker_id: str, block_hashes: list[bytes | str]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for block_hash in block_hashes:
+                pipe.srem(keys.block_workers(int(block_hash)), worker_id)
+            await pipe.execute()
 
     async def lookup(
         self, session_id: str, worker_ids: list[str], block_hashes: list[int]
     ) -> tuple[str | None, dict[str, int]]:
-        """The session's pin and, per worker, how many leading prompt blocks it has cached:
-        one round trip for both."""
+        """The session's pin and, per worker among `worker_ids`, how many leading prompt blocks it
+        has cached. Costs one command per prompt block, whatever the fleet's size, in at most two
+        round trips: the pin and each block's holder count, then the holders only where that
+        count changes. Hashes are chained and engines evict a cached sequence from its tail, so
+        whoever holds block k holds blocks 1..k-1: the holders of the last block of each run of
+        equal counts stand for the whole run, and a popular system prompt's 500 holders are read
+        once, not once per block."""
         async with self._redis.pipeline(transaction=False) as pipe:
             if session_id:
                 pipe.get(keys.session_pin(session_id))
             else:
                 pipe.echo("")  # keeps the reply positions fixed
-            if block_hashes:
-                for wid in worker_ids:
-                    pipe.smismember(keys.worker_blocks(wid), block_hashes)
+            for block_hash in block_hashes:
+                pipe.scard(keys.block_workers(block_hash))
             replies = await pipe.execute()
         raw_pin = replies[0]
         pin = (raw_pin.decode() if isinstance(raw_pin, bytes) else raw_pin) or None
+        counts = [int(c) for c in replies[1:]]
+        # Positions (1-based) that end a run of equal, non-zero holder counts, up to the first 0.
+        ends: list[int] = []
+        for position, count in enumerate(counts, start=1):
+            if count == 0:
+                break
+            if position == len(counts) or counts[position] != count:
+                ends.append(position)
         hits: dict[str, int] = {}
-        for wid, found in zip(worker_ids, replies[1:], strict=False):
-            leading = 0
-            for present in found:
-                if not present:
-                    break
-                leading += 1
-            if leading:
-                hits[wid] = leading
+        if not ends or not worker_ids:
+            return pin, hits
+        # Per run end, whichever reply is smaller: its holders, or a yes/no per wanted worker.
+        wanted = set(worker_ids)
+        asked = list(wanted)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for position in ends:
+                key = keys.block_workers(block_hashes[position - 1])
+                if counts[position - 1] <= len(asked):
+                    pipe.smembers(key)
+                else:
+                    pipe.smismember(key, asked)
+            replies = await pipe.execute()
+        # Later runs overwrite earlier ones: a worker's count is the deepest run it holds.
+        for position, reply in zip(ends, replies, strict=True):
+            if counts[position - 1] <= len(asked):
+                for member in reply:
+                    wid = member.decode() if isinstance(member, bytes) else member
+                    if wid in wanted:
+                        hits[wid] = position
+            else:
+                for wid, present in zip(asked, reply, strict=True):
+                    if present:
+                        hits[wid] = position
         return pin, hits
 
     async def read_fleet(self) -> FleetView:

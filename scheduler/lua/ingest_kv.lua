@@ -4,13 +4,17 @@
 -- ARGV[4] number of stored hashes n, ARGV[5..4+n] stored hashes, the rest removed hashes.
 -- Every scheduler replica ingests every batch; the seq check makes a late duplicate a no-op,
 -- so replicas cannot re-add a block that a newer batch removed.
+-- Returns {0} for a duplicate, else {1, hashes dropped by a full clear...}: the caller mirrors
+-- the batch into the block -> workers index.
 local seq = tonumber(ARGV[1])
 local last = tonumber(redis.call('HGET', KEYS[1], 'kv_seq') or '-1')
 if seq <= last then
-  return 0
+  return {0}
 end
 redis.call('HSET', KEYS[1], 'kv_seq', seq)
+local cleared = {}
 if ARGV[2] == '1' then
+  cleared = redis.call('SMEMBERS', KEYS[2])
   redis.call('DEL', KEYS[2])
 end
 local n = tonumber(ARGV[4])
@@ -26,4 +30,5 @@ end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
 end
-return 1
+table.insert(cleared, 1, 1)
+return cleared

@@ -81,7 +81,8 @@ async def test_turns_show_in_the_latency_and_in_flight_metrics(fleet: Fleet) -> 
     def sample(name: str, labels: dict[str, str]) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0
 
-    await fleet.start({"w1": ("us-east", 2000)})
+    # A worker id of its own: the broker keeps each worker's last (retained) status across tests.
+    await fleet.start({"metered": ("us-east", 2000)})
     itl_before = sample("kvgate_worker_itl_seconds_count", {"engine": "sim"})
     ttft_before = sample("kvgate_worker_ttft_seconds_count", {"engine": "sim"})
     async with fleet.client() as client:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from gateway.prompt import prompt_block_hashes
-from kvgate.v1 import common_pb2
+from kvgate.redis_conn import connect_redis
+from kvgate.v1 import common_pb2, telemetry_pb2
+from scheduler import keys
+from scheduler.store import FleetStore, StoreSettings
 from tests.integration.fleet import Fleet
 
 
@@ -53,3 +56,35 @@ async def test_new_session_sharing_a_prefix_goes_where_that_prefix_is_cached(fle
         _, done, placed_second = await client.reply(second.session_id, "And a block?", max_tokens=8)
         assert placed_second.worker_id == holder
         assert done.usage.cached_tokens >= 8 * 16  # the shared system prompt, ~9 blocks
+
+
+async def test_the_block_index_follows_stores_removals_clears_duplicates_and_offline(
+    clean_redis: str,
+) -> None:
+    client = connect_redis(clean_redis)
+    store = FleetStore(client, StoreSettings())
+
+    def events(wid: str, seq: int, stored: list[int], removed: list[int] = [], cleared: bool = False):  # noqa: B006
+        return telemetry_pb2.KvEvents(
+            worker_id=wid, seq=seq, stored_block_hashes=stored, removed_block_hashes=removed,
+            all_cleared=cleared,
+        )  # fmt: skip
+
+    try:
+        await store.ingest_kv(events("a", 1, [11, 12, 13]))
+        await store.ingest_kv(events("b", 1, [11]))
+        assert (await store.lookup("", ["a", "b"], [11, 12, 13, 14]))[1] == {"a": 3, "b": 1}
+        # Only the workers asked about count (e.g. the ones serving the model).
+        assert (await store.lookup("", ["b"], [11, 12]))[1] == {"b": 1}
+        await store.ingest_kv(events("a", 2, [], removed=[12]))
+        await store.ingest_kv(events("a", 2, [12]))  # a late duplicate of seq 2: ignored
+        assert (await store.lookup("", ["a", "b"], [11, 12, 13]))[1] == {"a": 1, "b": 1}
+        await store.ingest_kv(events("b", 2, [], cleared=True))
+        assert (await store.lookup("", ["a", "b"], [11]))[1] == {"a": 1}
+        await store.ingest_status(
+            telemetry_pb2.WorkerStatus(worker_id="a", state=telemetry_pb2.WORKER_LIFECYCLE_OFFLINE)
+        )
+        assert (await store.lookup("", ["a", "b"], [11, 13]))[1] == {}
+        assert await client.exists(keys.block_workers(11), keys.block_workers(13)) == 0
+    finally:
+        await client.aclose()
