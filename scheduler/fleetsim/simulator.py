@@ -30,7 +30,6 @@ or earlier when a request arrives in the middle: then the run is cut after the s
 
 from __future__ import annotations
 
-import gc
 import heapq
 import time
 from array import array
@@ -45,8 +44,7 @@ from scheduler.fleetsim.bounds import InfiniteCache, PooledLru
 from scheduler.fleetsim.engine import FleetEngine
 from scheduler.fleetsim.metrics import RunData
 from scheduler.fleetsim.trace import PrefixHasher, Trace, TraceRequest, prompt_token_ids, tier_of
-from scheduler.policy import PlacementRequest, Policy, Shed, WorkerState, WorkerView
-from scheduler.policy.fleet_index import IndexedFleetView
+from scheduler.policy import FleetView, PlacementRequest, Policy, Shed, WorkerState, WorkerView
 
 # Event kinds. Their order does not matter: ties on the clock go by scheduling order.
 _TICK = 0
@@ -256,8 +254,7 @@ class FleetSim:
         for w in self._workers:
             w.view = self._make_view(w)
             self._views[w.spec.worker_id] = w.view
-        # Indexed: the kvgate pipeline then scores a few classes of workers, not all of them.
-        self.fleet = IndexedFleetView(workers=self._views)
+        self.fleet = FleetView(workers=self._views)
         self._heap: list[tuple[float, int, int, object, int]] = []
         self._seq = 0
         self._now = 0.0
@@ -292,16 +289,6 @@ class FleetSim:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> RunData:
-        # The engines, trace and views built so far live as long as the run: moving them out of
-        # the collector's generations keeps its full passes (triggered by allocation counts) from
-        # walking millions of long-lived objects again and again. No effect on results.
-        gc.freeze()
-        try:
-            return self._run()
-        finally:
-            gc.unfreeze()
-
-    def _run(self) -> RunData:
         wall0 = time.perf_counter()
         cfg = self.config
         data = self.data
@@ -439,7 +426,7 @@ class FleetSim:
             return False
         w.reserved += need
         w.view = replace(w.view, reserved_tokens=w.reserved)
-        self.fleet.put(w.view)
+        self._views[wid] = w.view
         tr = req.trace
         self._pins[tr.session_id] = (wid, t)
         if req.pinned is None:
@@ -500,7 +487,7 @@ class FleetSim:
         """Telemetry: every worker whose engine changed publishes stats and KV events; the
         scheduler releases the reservations of requests its engine has now seen."""
         self._ticks += 1
-        put = self.fleet.put
+        views = self._views
         for w in self._dirty:
             w.dirty = False
             if w.engine_dirty:
@@ -520,7 +507,7 @@ class FleetSim:
             self._sum_used += view.num_blocks_used
             self._sum_running += view.running
             w.view = view
-            put(view)
+            views[w.spec.worker_id] = view
             if w.waiters:
                 for req in list(w.waiters):
                     if self._commit(req, w.spec.worker_id, t):
