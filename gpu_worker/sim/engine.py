@@ -234,7 +234,7 @@ class _Request:
     )
 
     def __init__(
-        self, request_id: str, prompt: list[int], max_new_tokens: int, seed: int, hashes: list[int]
+        self, request_id: str, prompt: Sequence[int], max_new_tokens: int, seed: int, hashes: list[int]
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
@@ -325,7 +325,9 @@ class SimEngine:
                 f"request {request_id!r} needs {_cdiv(total, self.block_size)} KV blocks, "
                 f"the engine has {self.num_blocks}"
             )
-        prompt = list(prompt_token_ids)
+        # A range is immutable: kept as it is (a copy of a long prompt cost as much as the rest of
+        # add_request); anything else is copied, the caller may reuse its list.
+        prompt = prompt_token_ids if type(prompt_token_ids) is range else list(prompt_token_ids)
         hashes = block_hashes(prompt, self.block_size) if self._caching else []
         req = _Request(request_id, prompt, max_new_tokens, seed, hashes)
         self._requests[request_id] = req
@@ -366,10 +368,10 @@ class SimEngine:
         bs = self.block_size
         lo, hi = have * bs, n_blocks * bs
         n_prompt = req.n_prompt
-        tokens = req.prompt[lo:hi]
+        tokens: Sequence[int] = req.prompt[lo:hi]
         if hi > n_prompt:
             start = max(lo - n_prompt, 0)
-            tokens += self.tokenizer.sample_many(req.seed, start, hi - n_prompt - start)
+            tokens = [*tokens, *self.tokenizer.sample_many(req.seed, start, hi - n_prompt - start)]
         hashes += block_hashes(tokens, bs, hashes[-1] if hashes else None)
 
     def _cache_computed_blocks(self, req: _Request) -> None:

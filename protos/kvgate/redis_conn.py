@@ -12,7 +12,6 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-
 # Connections one process opens at most. A burst beyond it waits for a free connection (up
 # to POOL_WAIT_S) instead of failing at once with "Too many connections" (redis-py's default
 # pool refuses past 100) or opening thousands of sockets against Redis.

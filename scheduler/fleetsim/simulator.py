@@ -30,21 +30,24 @@ or earlier when a request arrives in the middle: then the run is cut after the s
 
 from __future__ import annotations
 
+import gc
 import heapq
 import time
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 
 from gpu_worker.engine import EngineError, EngineStats
 from gpu_worker.sim.engine import EngineConfig, JumpOutput, StepOutput
 from gpu_worker.sim.profiles import get_gpu, get_model
 from gpu_worker.sim.roofline import step_cost
+from gpu_worker.sim.tokenizer import SimTokenizer
 from scheduler.fleetsim.bounds import InfiniteCache, PooledLru
 from scheduler.fleetsim.engine import FleetEngine
 from scheduler.fleetsim.metrics import RunData
 from scheduler.fleetsim.trace import PrefixHasher, Trace, TraceRequest, prompt_token_ids, tier_of
-from scheduler.policy import FleetView, PlacementRequest, Policy, Shed, WorkerState, WorkerView
+from scheduler.policy import FleetView, Pipeline, PlacementRequest, Policy, Shed, WorkerState, WorkerView
+from scheduler.policy.fleet_index import IndexedFleetView
 
 # Event kinds. Their order does not matter: ties on the clock go by scheduling order.
 _TICK = 0
@@ -130,6 +133,22 @@ def prefill_tokens_per_s(gpu: str, model: str) -> float:
     a 2,048-token history recomputed in one step."""
     tokens = 2048
     return tokens / step_cost(get_gpu(gpu), get_model(model), 1, 0, 0, tokens, 0).seconds
+
+
+_VIEW_FIELDS = frozenset(f.name for f in fields(WorkerView))
+_new_object = object.__new__
+_set_attr = object.__setattr__
+
+
+def _derive_view(view: WorkerView, changes: dict[str, object]) -> WorkerView:
+    """dataclasses.replace(view, **changes) at a fraction of the cost (one dict copy instead of
+    __init__'s per-field object.__setattr__; WorkerView has no __post_init__). Cached properties
+    are not carried over. A unit test checks it equals replace()."""
+    d = {k: v for k, v in view.__dict__.items() if k in _VIEW_FIELDS}
+    d.update(changes)
+    new: WorkerView = _new_object(WorkerView)
+    _set_attr(new, "__dict__", d)
+    return new
 
 
 class _Req:
@@ -231,6 +250,9 @@ class FleetSim:
         caching = trace.shares_prefixes if cfg.prefix_caching is None else cfg.prefix_caching
         self._workers: list[_Worker] = []
         self._by_id: dict[str, _Worker] = {}
+        # One tokenizer for all engines: it is immutable once built (pure sampling functions),
+        # and building one per engine took seconds on a thousand workers.
+        tokenizer = SimTokenizer()
         for i, spec in enumerate(workers):
             engine = FleetEngine(
                 EngineConfig(
@@ -241,7 +263,8 @@ class FleetSim:
                     num_gpu_blocks_override=cfg.num_gpu_blocks,
                     max_model_len=max_len,
                     enable_prefix_caching=caching,
-                )
+                ),
+                tokenizer,
             )
             w = _Worker(i, spec, engine, prefill_tokens_per_s(spec.gpu, cfg.model))
             if spec.worker_id in self._by_id:
@@ -254,7 +277,17 @@ class FleetSim:
         for w in self._workers:
             w.view = self._make_view(w)
             self._views[w.spec.worker_id] = w.view
-        self.fleet = FleetView(workers=self._views)
+        # Indexed for a pipeline that can use it (kvgate's: it then scores a few classes of
+        # workers, not all of them); other policies read the plain mapping, updated in place.
+        pipeline = getattr(policy, "pipeline", None)
+        self.fleet: FleetView
+        if isinstance(pipeline, Pipeline) and pipeline.indexable:
+            indexed = IndexedFleetView(workers=self._views)
+            self.fleet = indexed
+            self._put_view: Callable[[WorkerView], None] = indexed.put
+        else:
+            self.fleet = FleetView(workers=self._views)
+            self._put_view = self._put_plain
         self._heap: list[tuple[float, int, int, object, int]] = []
         self._seq = 0
         self._now = 0.0
@@ -289,6 +322,16 @@ class FleetSim:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> RunData:
+        # The engines, trace and views built so far live as long as the run: moving them out of
+        # the collector's generations keeps its full passes (triggered by allocation counts) from
+        # walking millions of long-lived objects again and again. No effect on results.
+        gc.freeze()
+        try:
+            return self._run()
+        finally:
+            gc.unfreeze()
+
+    def _run(self) -> RunData:
         wall0 = time.perf_counter()
         cfg = self.config
         data = self.data
@@ -425,8 +468,8 @@ class FleetSim:
         if w.view.free_tokens < need:
             return False
         w.reserved += need
-        w.view = replace(w.view, reserved_tokens=w.reserved)
-        self._views[wid] = w.view
+        w.view = _derive_view(w.view, {"reserved_tokens": w.reserved})
+        self._put_view(w.view)
         tr = req.trace
         self._pins[tr.session_id] = (wid, t)
         if req.pinned is None:
@@ -487,7 +530,7 @@ class FleetSim:
         """Telemetry: every worker whose engine changed publishes stats and KV events; the
         scheduler releases the reservations of requests its engine has now seen."""
         self._ticks += 1
-        views = self._views
+        put = self._put_view
         for w in self._dirty:
             w.dirty = False
             if w.engine_dirty:
@@ -507,7 +550,7 @@ class FleetSim:
             self._sum_used += view.num_blocks_used
             self._sum_running += view.running
             w.view = view
-            views[w.spec.worker_id] = view
+            put(view)
             if w.waiters:
                 for req in list(w.waiters):
                     if self._commit(req, w.spec.worker_id, t):
@@ -548,7 +591,30 @@ class FleetSim:
             else:
                 index.pop(h, None)
 
+    def _put_plain(self, view: WorkerView) -> None:
+        self._views[view.worker_id] = view
+
     def _make_view(self, w: _Worker) -> WorkerView:
+        s = w.stats
+        if w.view is not None:
+            # Only the telemetry-derived fields change; see _new_view for the others.
+            return _derive_view(
+                w.view,
+                {
+                    "block_size": s.block_size,
+                    "num_blocks_total": s.num_blocks_total,
+                    "num_blocks_used": s.num_blocks_used,
+                    "num_blocks_cached": s.num_blocks_cached,
+                    "reserved_tokens": max(0, w.reserved),
+                    "running": s.running,
+                    "waiting": s.waiting,
+                    "step_ms": s.step_ms,
+                    "tokens_per_s": s.tokens_per_s,
+                },
+            )
+        return self._new_view(w)
+
+    def _new_view(self, w: _Worker) -> WorkerView:
         s = w.stats
         return WorkerView(
             worker_id=w.spec.worker_id,

@@ -524,8 +524,8 @@ def segment_tokens(segment: Segment) -> Sequence[int]:
 
 def prompt_token_ids(request: TraceRequest) -> Sequence[int]:
     """The prompt's token ids. A one-segment prompt (every Azure request) comes back as its
-    range or list unchanged: the engine copies the prompt into a list anyway, and building a
-    second list of a million requests' tokens was a quarter of an Azure run."""
+    range or list unchanged: the engine keeps a range as it is (and copies anything else), and
+    building lists of a million requests' tokens was a quarter of an Azure run."""
     segments = request.segments
     if len(segments) == 1:
         return segment_tokens(segments[0])

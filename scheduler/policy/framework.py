@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
+from scheduler.policy import fleet_index
 from scheduler.policy.model import FleetView, PlacementRequest, WorkerView
 
 
@@ -53,9 +54,19 @@ class Pipeline:
     # Per filter, a whole-list selector: the filter's own `select` when it has one (one
     # comprehension per filter), else a comprehension over `keep`. Built once, not per call.
     _selectors: tuple[_Selector, ...] = field(init=False, repr=False, compare=False)
+    # Whether top() may use fleet_index.fast_top on an IndexedFleetView (default signals only).
+    _indexable: bool = field(init=False, repr=False, compare=False)
+    _plan: tuple[tuple[int, object, float], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_selectors", tuple(_selector(f) for f in self.filters))
+        object.__setattr__(self, "_indexable", fleet_index.applies(self))
+        object.__setattr__(self, "_plan", fleet_index.scoring_plan(self))
+
+    @property
+    def indexable(self) -> bool:
+        """Whether top() takes the fleet_index shortcut on an IndexedFleetView."""
+        return self._indexable
 
     def keeps(self, request: PlacementRequest, worker: WorkerView, fleet: FleetView) -> bool:
         """Whether one worker passes every filter."""
@@ -98,6 +109,10 @@ class Pipeline:
         Linear in the fleet for a small k: the k-th best total is found with a heap, and only
         workers scoring at least that much are sorted.
         """
+        if k is not None and self._indexable and isinstance(fleet, fleet_index.IndexedFleetView):
+            fast = fleet_index.fast_top(self, request, fleet, k, _tie_break, self._plan)
+            if fast is not None:
+                return fast
         workers = self.feasible(request, fleet)
         n = len(workers)
         if n <= 1:

@@ -126,3 +126,46 @@ def test_reset_prefix_cache() -> None:
     assert events.all_cleared and not events.stored
     assert pool.get_computed_blocks([5]) == []
     pool.check_invariants()
+
+
+def test_lazy_never_used_blocks_keep_the_queue_order() -> None:
+    """The never-used blocks are a counter, not dict entries: allocation order (the LRU order)
+    is still that of one queue 0..n-1 with freed blocks joining at the tail."""
+    import random
+    from collections import OrderedDict
+
+    rng = random.Random(3)
+    for caching in (True, False):
+        pool = BlockPool(40, enable_caching=caching)
+        queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(40))  # the reference
+        held: list[int] = []
+        next_hash = 1
+        for _ in range(400):
+            op = rng.random()
+            if op < 0.45 and pool.num_free:
+                n = rng.randint(1, min(5, pool.num_free))
+                got = pool.allocate(n) if n > 1 or rng.random() < 0.5 else [pool.allocate_one()]
+                want = [queue.popitem(last=False)[0] for _ in range(n)]
+                assert got == want
+                held.extend(got)
+            elif op < 0.8 and held:
+                rng.shuffle(held)
+                k = rng.randint(1, len(held))
+                out, held = held[:k], held[k:]
+                if caching:
+                    for b in out:
+                        if pool.block_hash(b) is None and rng.random() < 0.5:
+                            pool.cache_block(b, next_hash)
+                            next_hash += 1
+                pool.free(out)
+                for b in out:
+                    queue[b] = None
+            else:
+                # A touch of a queued block (a cache hit), never-used ones included.
+                b = rng.randrange(40)
+                if pool.ref_count(b) == 0:
+                    pool.touch([b])
+                    del queue[b]
+                    held.append(b)
+            assert pool.num_free == len(queue)
+            pool.check_invariants()
