@@ -13,7 +13,7 @@ FLEET_ENV := deploy/.env
 # Loads the image names that `make images` chose (local or public) into a recipe's environment.
 WITH_IMAGES := set -a && . $(IMAGES_ENV) && set +a && export TESTCONTAINERS_RYUK_DISABLED=true &&
 # ... and the compose fleet's secrets (deploy/.env, made by `make env`).
-WITH_FLEET := set -a && . $(IMAGES_ENV) && . $(FLEET_ENV) && set +a &&
+WITH_FLEET := set -a && { [ ! -f $(IMAGES_ENV) ] || . $(IMAGES_ENV); } && . $(FLEET_ENV) && set +a &&
 # `make up TLS=1`: the gateways serve TLS with the certificate from `make tls-cert`.
 TLS ?=
 COMPOSE_FLEET := $(COMPOSE) -p $(PROJECT) -f deploy/compose.yaml $(if $(TLS),-f deploy/compose.tls.yaml)
@@ -93,7 +93,7 @@ deploy/.build/tls/server.crt:
 	bash deploy/make-tls-cert.sh deploy/.build/tls
 
 .PHONY: down
-down: ## stop the compose fleet and remove its containers and volumes
+down: env ## stop the compose fleet and remove its containers and volumes
 	$(WITH_FLEET) $(COMPOSE_FLEET) --profile monitoring down -v --remove-orphans
 
 .PHONY: clean
