@@ -48,8 +48,8 @@ class AtCapacity(Exception):
         self.retry_after_ms = retry_after_ms
 
 
-# Pauses before each further Place attempt when a scheduler replica is unavailable.
-PLACE_RETRY_BACKOFF_S = (0.05, 0.2, 0.5, 0.0)
+# Pauses before the 2nd, 3rd and 4th Place attempt when a scheduler replica is unavailable.
+PLACE_RETRY_DELAYS_S = (0.05, 0.2, 0.5)
 
 
 class PlacementUnavailable(Exception):
@@ -212,7 +212,7 @@ class TurnRunner:
             exclude_workers=excluded,
             block_hashes=block_hashes,
         )
-        for attempt, backoff_s in enumerate(PLACE_RETRY_BACKOFF_S):
+        for delay_s in (*PLACE_RETRY_DELAYS_S, None):
             try:
                 response = await self._scheduler.Place(
                     request, timeout=min(5.0, _remaining(job.deadline) or 5.0)
@@ -220,15 +220,16 @@ class TurnRunner:
                 break
             except grpc.aio.AioRpcError as exc:
                 # A scheduler replica that died or restarts answers UNAVAILABLE; the channel
-                # round-robins, so the retry goes to another replica. Place is idempotent per
-                # request id (the reservation is keyed by it), so a retry cannot double-book.
-                last_attempt = attempt == len(PLACE_RETRY_BACKOFF_S) - 1
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or last_attempt:
+                # round-robins, so the retry goes to another replica. Reservations are keyed by
+                # request id: a retry that picks the same worker replaces its own; one that picks
+                # another leaves the first to expire with its ttl (the reply may have been lost
+                # after the commit), never a double booking of one worker.
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or delay_s is None:
                     raise PlacementUnavailable(
                         f"scheduler unavailable ({exc.code().name}: {exc.details()})", _pushback_ms(exc)
                     ) from exc
                 log.warning("scheduler unavailable (%s); retrying placement", exc.details())
-                await asyncio.sleep(backoff_s)
+                await asyncio.sleep(delay_s)
         if response.WhichOneof("result") == "shed":
             raise AtCapacity(response.shed.retry_after_ms, response.shed.reason)
         progress.worker_id = response.placed.worker_id

@@ -1,0 +1,65 @@
+"""The gateway retries a Place that a dead scheduler replica answered UNAVAILABLE, and only that."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from gateway import relay
+from gateway.relay import PlacementUnavailable, TurnJob, TurnProgress, TurnRunner, WorkerChannels
+from kvgate.v1 import scheduler_pb2
+
+
+def _error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="replica gone")
+
+
+class _Scheduler:
+    """Fails the first `failures` calls with `code`, then places on w1."""
+
+    def __init__(self, failures: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self.failures = failures
+        self.code = code
+        self.requests: list[scheduler_pb2.PlaceRequest] = []
+
+    async def Place(self, request: scheduler_pb2.PlaceRequest, timeout: float) -> scheduler_pb2.PlaceResponse:
+        self.requests.append(request)
+        if len(self.requests) <= self.failures:
+            raise _error(self.code)
+        return scheduler_pb2.PlaceResponse(placed=scheduler_pb2.Placed(worker_id="w1", address="w1:1"))
+
+
+JOB = TurnJob(session_id="s", model="m", tier="free", messages=[], prompt_tokens_estimate=10, max_tokens=5)
+
+
+@pytest.fixture(autouse=True)
+def _no_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay, "PLACE_RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+
+
+async def _place(scheduler: _Scheduler) -> scheduler_pb2.Placed:
+    runner = TurnRunner(cast(Any, scheduler), WorkerChannels())
+    return await runner._place(JOB, "req-1", TurnProgress(), [], [])
+
+
+async def test_unavailable_replicas_are_retried_with_the_same_request_id() -> None:
+    scheduler = _Scheduler(failures=3)
+    placed = await _place(scheduler)
+    assert placed.worker_id == "w1"
+    assert [r.request_id for r in scheduler.requests] == ["req-1"] * 4
+
+
+async def test_it_gives_up_after_four_attempts() -> None:
+    scheduler = _Scheduler(failures=4)
+    with pytest.raises(PlacementUnavailable):
+        await _place(scheduler)
+    assert len(scheduler.requests) == 4
+
+
+async def test_other_errors_are_not_retried() -> None:
+    scheduler = _Scheduler(failures=1, code=grpc.StatusCode.INVALID_ARGUMENT)
+    with pytest.raises(PlacementUnavailable):
+        await _place(scheduler)
+    assert len(scheduler.requests) == 1
