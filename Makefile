@@ -85,6 +85,14 @@ up: venv images env $(if $(TLS),deploy/.build/tls/server.crt) ## build images, s
 	@echo "demo API key in $(DEMO_KEY): export KVGATE_API_KEY=\$$(cat $(DEMO_KEY))"
 	KVGATE_API_KEY=$$(cat $(DEMO_KEY)) $(VENV)/bin/kvgate chat --gateway localhost:$${KVGATE_GATEWAY_PORT:-50050} $(CHAT_TLS) --wait 120 --demo
 
+.PHONY: status
+status: ## live view of the running compose fleet (kvgate status inside a scheduler container)
+	$(WITH_FLEET) $(COMPOSE_FLEET) exec scheduler-1 kvgate status
+
+.PHONY: monitoring
+monitoring: env ## add Prometheus + Grafana (127.0.0.1:9090, :3000) to the running fleet; needs a registry
+	$(WITH_FLEET) $(COMPOSE_FLEET) --profile monitoring up -d prometheus grafana
+
 .PHONY: tls-cert
 tls-cert: ## self-signed CA + gateway cert (+ client cert for mTLS) in deploy/.build/tls
 	bash deploy/make-tls-cert.sh deploy/.build/tls
