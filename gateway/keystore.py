@@ -14,6 +14,7 @@ import redis.asyncio as redis
 from gateway import apikeys
 from gateway.apikeys import KeyRecord, NewKey
 from gateway.sessions import now_ms
+from kvgate.redis_conn import as_str
 
 KEYS_INDEX = "kvgate:keys"
 
@@ -55,7 +56,7 @@ class KeyStore:
         raw = await self._redis.hgetall(record_key(key_id))
         if not raw:
             return None
-        return KeyRecord.from_redis(key_id, {_text(k): _text(v) for k, v in raw.items()})
+        return KeyRecord.from_redis(key_id, {as_str(k): as_str(v) for k, v in raw.items()})
 
     async def revoke(self, key_id: str) -> bool:
         return await self._set_flag(key_id, "revoked", True)
@@ -78,7 +79,3 @@ class KeyStore:
             return False
         await self._redis.hset(record_key(key_id), field, int(on))
         return True
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -11,6 +11,7 @@ from importlib import resources
 
 import redis.asyncio as redis
 
+from kvgate.redis_conn import as_str
 from kvgate.v1 import telemetry_pb2
 from scheduler import keys
 from scheduler.policy import FleetView, WorkerState, WorkerView
@@ -188,7 +189,7 @@ class FleetStore:
                 pipe.scard(keys.block_workers(block_hash))
             replies = await pipe.execute()
         raw_pin = replies[0]
-        pin = (raw_pin.decode() if isinstance(raw_pin, bytes) else raw_pin) or None
+        pin = as_str(raw_pin) or None
         counts = [int(c) for c in replies[1:]]
         # Positions (1-based) that end a run of equal, non-zero holder counts, up to the first 0.
         ends: list[int] = []
@@ -215,7 +216,7 @@ class FleetStore:
         for position, reply in zip(ends, replies, strict=True):
             if counts[position - 1] <= len(asked):
                 for member in reply:
-                    wid = member.decode() if isinstance(member, bytes) else member
+                    wid = as_str(member)
                     if wid in wanted:
                         hits[wid] = position
             else:
@@ -225,9 +226,7 @@ class FleetStore:
         return pin, hits
 
     async def read_fleet(self) -> FleetView:
-        ids = sorted(
-            m.decode() if isinstance(m, bytes) else m for m in await self._redis.smembers(keys.WORKERS)
-        )
+        ids = sorted(as_str(m) for m in await self._redis.smembers(keys.WORKERS))
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.time()
             pipe.get(keys.TELEMETRY_CLOCK)
@@ -379,7 +378,4 @@ class FleetStore:
 def _decode(
     raw: Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str],
 ) -> dict[str, str]:
-    return {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in raw.items()
-    }
+    return {as_str(k): as_str(v) for k, v in raw.items()}

@@ -13,7 +13,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "placement": ("scheduler.bench", "placement latency/throughput of scheduler replicas on real Redis"),
     "load": (
-        "gateway.loadgen",
+        "gateway.loadgen_cli",
         "open-loop load on a running gateway from a trace: TTFT/ITL/E2E, shed, errors, per worker",
     ),
 }

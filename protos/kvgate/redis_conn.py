@@ -32,3 +32,8 @@ def connect_redis(url: str) -> redis.Redis:
     )
     # from_pool: closing the client closes its pool too.
     return redis.Redis.from_pool(pool)
+
+
+def as_str(value: bytes | str) -> str:
+    """A Redis reply item as text (clients may or may not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else value

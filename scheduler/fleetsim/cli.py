@@ -17,7 +17,8 @@ from gpu_worker.sim import GPUS, MODELS
 from scheduler.fleetsim.metrics import format_markdown, format_table
 from scheduler.fleetsim.runner import PolicyRun, Scenario, policy_names, run_policies
 from scheduler.fleetsim.simulator import SimConfig, parse_workers
-from scheduler.fleetsim.trace import TRACE_ALIASES, SyntheticSpec, expected_requests, load_trace
+from scheduler.fleetsim.trace import expected_requests, load_trace
+from scheduler.fleetsim.trace_cli import add_trace_options, synthetic_spec
 from scheduler.policy import POLICIES, KvgateConfig
 
 # --kvgate-weights keys -> KvgateConfig fields.
@@ -41,12 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="run",
         help="run (the --policy given) or compare (every policy on the same trace: --policy all)",
     )
-    parser.add_argument(
-        "--trace",
-        default="synthetic",
-        help=f"synthetic, {', '.join(TRACE_ALIASES)} (from ../shared/traces or $KVGATE_TRACE_DIR), "
-        "or a path to an Azure .csv or Mooncake .jsonl (default: %(default)s)",
-    )
+    add_trace_options(parser)
     parser.add_argument(
         "--workers",
         default="16",
@@ -145,18 +141,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override KvgateConfig for kvgate, e.g. prefix=2,free=1,batch=0.5 "
         f"(keys: {', '.join(WEIGHT_KEYS)})",
     )
-    parser.add_argument(
-        "--sessions-per-s",
-        type=float,
-        default=SyntheticSpec.sessions_per_s,
-        help="synthetic trace: new chat sessions per second (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--synthetic-duration",
-        type=float,
-        default=SyntheticSpec.duration_s,
-        help="synthetic trace: seconds of session arrivals (default: %(default)s)",
-    )
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -186,8 +170,7 @@ def run(args: argparse.Namespace) -> int:
         regions = [r.strip() for r in args.regions.split(",") if r.strip()]
         workers = parse_workers(args.workers, regions, args.gpu)
         kvgate_config = parse_weights(args.kvgate_weights)
-        synthetic = SyntheticSpec(duration_s=args.synthetic_duration, sessions_per_s=args.sessions_per_s)
-        trace = load_trace(args.trace, seed=args.seed, synthetic=synthetic)
+        trace = load_trace(args.trace, seed=args.seed, synthetic=synthetic_spec(args))
         if args.model not in MODELS:
             raise ValueError(f"unknown model profile {args.model!r}; known: {', '.join(MODELS)}")
         config = SimConfig(

@@ -92,9 +92,6 @@ class ComposeFleet:
             ["docker", *args], capture_output=True, text=True, check=True, timeout=timeout
         ).stdout
 
-    def network(self, region: str) -> str:
-        return f"{self.project.replace('-', '').replace('_', '')}_region-{region}"
-
     def fleet_status(self) -> dict[str, Any]:
         """What the scheduler replicas see (FleetStatus as JSON), asked inside scheduler-1... or -2."""
         for scheduler in ("scheduler-1", "scheduler-2"):

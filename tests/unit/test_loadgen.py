@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import pytest
 from rich.console import Console
 
-from gateway import loadgen
+from gateway import loadgen, loadgen_cli
 from gateway.loadgen import LoadConfig, next_message, plan, prompt_text, run_load
 from gateway.loadgen_clients import Conversation, Status, TurnResult
 from gateway.loadgen_report import RequestRecord, render, summarise
@@ -135,12 +135,12 @@ def test_config_errors_name_the_option(overrides: dict[str, object], option: str
 
 def cli_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    loadgen.add_arguments(parser)
+    loadgen_cli.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
 def test_cli_maps_options_and_rejects_bad_ones_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    config = loadgen.config_from_args(
+    config = loadgen_cli.config_from_args(
         cli_args("--http", "http://h:8080/v1", "--rate", "5", "--max-in-flight", "8", "--on-full", "drop")
     )
     assert (config.http, config.rate, config.max_in_flight, config.on_full) == (
@@ -149,8 +149,8 @@ def test_cli_maps_options_and_rejects_bad_ones_with_one_line(capsys: pytest.Capt
         8,
         "drop",
     )
-    assert loadgen.run(cli_args("--rate", "5", "--rate-scale", "2")) == 2
-    assert loadgen.run(cli_args("--trace", "/nonexistent/trace.csv")) == 2
+    assert loadgen_cli.run(cli_args("--rate", "5", "--rate-scale", "2")) == 2
+    assert loadgen_cli.run(cli_args("--trace", "/nonexistent/trace.csv")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--rate-scale" in err[0] and "/nonexistent/trace.csv" in err[1]
 
