@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -59,9 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def _turn(client: ChatClient, session_id: str, text: str, args: argparse.Namespace) -> None:
+async def _turn(
+    client: ChatClient, session_id: str, text: str, args: argparse.Namespace, idempotency_key: str
+) -> None:
     placement = chat_pb2.Placement()
-    async for event in client.send(session_id, text, args.max_tokens):
+    async for event in client.send(session_id, text, args.max_tokens, idempotency_key=idempotency_key):
         kind = event.WhichOneof("event")
         if kind == "placement":
             placement = event.placement
@@ -78,7 +81,7 @@ async def _turn(client: ChatClient, session_id: str, text: str, args: argparse.N
                     f" · engine {placement.engine} · ttft {u.ttft_s * 1000:.0f} ms"
                     f" · prompt {u.prompt_tokens} (cached {u.cached_tokens})"
                     f" · completion {u.completion_tokens}"
-                    f"{' · resumed' if u.resumed else ''}"
+                    f"{' · resumed' if u.resumed else ''}{' · replayed' if event.done.replayed else ''}"
                 )
             print(summary + "]", file=sys.stderr)
 
@@ -87,7 +90,8 @@ DEMO_TURNS = (
     "Hi! In one paragraph, why does an LLM chat service care about KV-cache memory?",
     "And why should the second turn of a conversation stay on the same GPU?",
 )
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# ABORTED: a retry of a turn that is still running (same idempotency key) waits for it.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED)
 
 
 async def _with_wait(args: argparse.Namespace, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -105,6 +109,13 @@ async def _with_wait(args: argparse.Namespace, attempt: Callable[[], Awaitable[T
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
 
 
+async def _send_turn(client: ChatClient, session_id: str, text: str, args: argparse.Namespace) -> None:
+    # One key for every attempt at this turn: a retry after a lost connection replays a turn
+    # the gateway already stored instead of storing it twice.
+    key = uuid.uuid4().hex
+    await _with_wait(args, lambda: _turn(client, session_id, text, args, key))
+
+
 async def _chat(args: argparse.Namespace) -> None:
     async with ChatClient(
         args.gateway, api_key=args.api_key, tls_ca=args.tls_ca or ("" if args.tls else None)
@@ -119,10 +130,10 @@ async def _chat(args: argparse.Namespace) -> None:
             args.verbose = True
             for text in DEMO_TURNS:
                 print(f"> {text}")
-                await _with_wait(args, lambda text=text: _turn(client, session_id, text, args))  # type: ignore[misc]
+                await _send_turn(client, session_id, text, args)
             return
         if args.message is not None:
-            await _with_wait(args, lambda: _turn(client, session_id, args.message, args))
+            await _send_turn(client, session_id, args.message, args)
             return
         print(f"session {session_id}; /new starts another, /history shows it, /quit leaves", file=sys.stderr)
         loop = asyncio.get_running_loop()
@@ -139,7 +150,7 @@ async def _chat(args: argparse.Namespace) -> None:
                 for i, turn in enumerate((await client.get_session(session_id)).turns):
                     print(f"[{i}] you: {turn.user}\n[{i}] assistant ({turn.worker_id}): {turn.assistant}")
             elif line.strip():
-                await _turn(client, session_id, line, args)
+                await _send_turn(client, session_id, line, args)
 
 
 def _prompt() -> str | None:

@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 
+from gateway.admission import AdmissionPolicy
 from gateway.auth import AuthMode
 from gateway.buckets import DEFAULT_LIMITS, TierLimits, parse_limits
 from gateway.openai_http import split_listen
@@ -89,6 +90,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "token is never delayed; 0 relays every chunk (default: %(default)s)",
     )
     parser.add_argument(
+        "--admission-wait-ms",
+        type=float,
+        default=0.0,
+        help="when the fleet is full, hold a turn up to this long for capacity before shedding it"
+        " (RESOURCE_EXHAUSTED); 0 sheds at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--admission-max-waiting",
+        type=int,
+        default=AdmissionPolicy.max_waiting,
+        help="at most this many turns wait for capacity at once; more are shed at once"
+        " (default: %(default)s)",
+    )
+    parser.add_argument(
         "--auth",
         choices=[m.value for m in AuthMode],
         default=AuthMode.REQUIRED.value,
@@ -139,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kvgate gateway: {exc}", file=sys.stderr)
         return 2
+    try:
+        admission = AdmissionPolicy(args.admission_wait_ms / 1000, args.admission_max_waiting)
+    except ValueError as exc:
+        print(f"kvgate gateway: --admission-wait-ms / --admission-max-waiting: {exc}", file=sys.stderr)
+        return 2
     settings = GatewaySettings(
         listen=args.listen,
         scheduler=args.scheduler,
@@ -157,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         coalesce_ms=args.coalesce_ms,
         http_listen=args.http_listen,
         tls=tls,
+        admission=admission,
     )
 
     async def main() -> None:

@@ -81,24 +81,38 @@ class ChatClient:
         return list(response.sessions)
 
     async def send(
-        self, session_id: str, content: str, max_tokens: int = 0, timeout: float | None = 120
+        self,
+        session_id: str,
+        content: str,
+        max_tokens: int = 0,
+        timeout: float | None = 120,
+        idempotency_key: str = "",
     ) -> AsyncIterator[chat_pb2.SendEvent]:
+        """One turn's events. Send it again with the same `idempotency_key` (e.g. uuid4().hex) after
+        a lost connection: a turn the gateway already stored is replayed, never stored twice."""
         call = self._stub.Send(
-            chat_pb2.SendRequest(session_id=session_id, content=content, max_tokens=max_tokens),
+            chat_pb2.SendRequest(
+                session_id=session_id, content=content, max_tokens=max_tokens, idempotency_key=idempotency_key
+            ),
             metadata=self._metadata,
             timeout=timeout,
         )
-        async for event in call:
-            yield event
+        try:
+            async for event in call:
+                yield event
+        finally:
+            # A caller that stops reading (closes this generator) ends the turn on the gateway
+            # at once, which aborts it on the worker: without this the call would run on.
+            call.cancel()
 
     async def reply(
-        self, session_id: str, content: str, max_tokens: int = 0
+        self, session_id: str, content: str, max_tokens: int = 0, idempotency_key: str = ""
     ) -> tuple[str, chat_pb2.Done, chat_pb2.Placement]:
-        """Send one turn and collect it: (full text, final event, placement)."""
+        """Send one turn and collect it: (full text, final event, placement; empty for a replay)."""
         parts: list[str] = []
         done = chat_pb2.Done()
         placement = chat_pb2.Placement()
-        async for event in self.send(session_id, content, max_tokens):
+        async for event in self.send(session_id, content, max_tokens, idempotency_key=idempotency_key):
             kind = event.WhichOneof("event")
             if kind == "delta":
                 parts.append(event.delta.text)

@@ -383,8 +383,11 @@ class _Run:
         record.max_tokens = min(r.output_tokens, config.max_tokens)
         started = time.monotonic()
         record.issued_s = started - self._start
+        idempotency_key = uuid.uuid4().hex  # the same for every attempt: a retry never stores twice
         for attempt in range(config.retries + 1):
-            result = await self._client.turn(conv, message.text, record.max_tokens, config.timeout_s)
+            result = await self._client.turn(
+                conv, message.text, record.max_tokens, config.timeout_s, idempotency_key
+            )
             _fill(record, result, started, conv)
             if result.status == "ok":
                 if config.text_check and record.engine in ("sim", ""):

@@ -90,8 +90,10 @@ class TurnResult:
 
 class TurnClient(Protocol):
     async def turn(
-        self, conv: Conversation, content: str, max_tokens: int, timeout_s: float
-    ) -> TurnResult: ...
+        self, conv: Conversation, content: str, max_tokens: int, timeout_s: float, idempotency_key: str
+    ) -> TurnResult:
+        """`idempotency_key` is the same for every attempt at one turn."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -103,7 +105,9 @@ class GrpcTurns:
         self._client = ChatClient(address, api_key=api_key, tls_ca=tls_ca)
         self._model = model
 
-    async def turn(self, conv: Conversation, content: str, max_tokens: int, timeout_s: float) -> TurnResult:
+    async def turn(
+        self, conv: Conversation, content: str, max_tokens: int, timeout_s: float, idempotency_key: str
+    ) -> TurnResult:
         result = TurnResult("ok")
         try:
             if not conv.session_id:
@@ -113,7 +117,9 @@ class GrpcTurns:
             # ChatClient.send is an async generator: closed here, its call is cancelled at once.
             events = cast(
                 "AsyncGenerator[chat_pb2.SendEvent, None]",
-                self._client.send(conv.session_id, content, max_tokens, timeout=timeout_s),
+                self._client.send(
+                    conv.session_id, content, max_tokens, timeout=timeout_s, idempotency_key=idempotency_key
+                ),
             )
             async with contextlib.aclosing(events):
                 async for event in events:
@@ -141,7 +147,8 @@ class GrpcTurns:
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 result.shed_reason = "at_capacity" if exc.details() == AT_CAPACITY_MESSAGE else "rate_limited"
                 return result.fail("shed", code.name, pushback)
-            if code == grpc.StatusCode.UNAVAILABLE:
+            # ABORTED: an earlier attempt at this turn (same idempotency key) is still running.
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
                 return result.fail("retry", code.name, pushback)
             return result.fail("error", code.name, pushback)
 
@@ -176,7 +183,11 @@ class HttpTurns:
         self._model = str(body["data"][0]["id"])
         return self._model
 
-    async def turn(self, conv: Conversation, content: str, max_tokens: int, timeout_s: float) -> TurnResult:
+    async def turn(
+        self, conv: Conversation, content: str, max_tokens: int, timeout_s: float, idempotency_key: str
+    ) -> TurnResult:
+        # HTTP turns carry the whole conversation and store nothing: there is nothing to repeat.
+        del idempotency_key
         result = TurnResult("ok")
         body = {
             "model": self._model,

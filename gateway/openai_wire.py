@@ -64,7 +64,7 @@ def parse_chat_request(body: object) -> ChatRequest:
     if not isinstance(include_usage, bool):
         raise WireError("stream_options.include_usage must be a boolean", "stream_options.include_usage")
     return ChatRequest(
-        model=model,
+        model=_encodable(model, "model"),
         messages=_messages(body.get("messages")),
         max_tokens=max_tokens,
         max_tokens_param=max_tokens_param,
@@ -97,7 +97,8 @@ def _messages(raw: object) -> list[common_pb2.Message]:
         role = item.get("role")
         if not isinstance(role, str):
             raise WireError(f"messages[{i}].role must be a string", f"messages[{i}].role")
-        content = _text(item.get("content"), f"messages[{i}].content")
+        content = _encodable(_text(item.get("content"), f"messages[{i}].content"), f"messages[{i}].content")
+        role = _encodable(role, f"messages[{i}].role")
         messages.append(common_pb2.Message(role=ROLE_ALIASES.get(role, role), content=content))
     return messages
 
@@ -117,6 +118,18 @@ def _text(content: object, param: str) -> str:
             parts.append(part["text"])
         return "".join(parts)
     raise WireError(f"{param} must be a string or an array of text parts", param)
+
+
+def _encodable(text: str, param: str) -> str:
+    """`text`, unless JSON smuggled in a lone surrogate (e.g. "\\ud800"), which UTF-8 cannot carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise WireError(
+            f"{param} is not valid UTF-8 (lone surrogate U+{ord(text[exc.start]):04X} at offset {exc.start})",
+            param,
+        ) from None
+    return text
 
 
 def completion_id() -> str:

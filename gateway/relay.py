@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from gateway import prompt
+from gateway.admission import AdmissionPolicy, AdmissionQueue
 from gateway.coalesce import coalesced
 from gateway.metrics import FAILOVERS
 from kvgate.service import WORKER_CHANNEL_OPTIONS
@@ -118,12 +119,14 @@ class TurnRunner:
         max_attempts: int = 4,
         coalesce_ms: float = DEFAULT_COALESCE_MS,
         coalesce_chars: int = DEFAULT_COALESCE_CHARS,
+        admission: AdmissionPolicy | None = None,
     ) -> None:
         self._scheduler = scheduler
         self._workers = workers
         self._max_attempts = max_attempts
         self._coalesce_s = coalesce_ms / 1000
         self._coalesce_chars = coalesce_chars
+        self._admission = AdmissionQueue(admission or AdmissionPolicy())
         self._background: set[asyncio.Task[None]] = set()
 
     async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]:
@@ -212,12 +215,42 @@ class TurnRunner:
             exclude_workers=excluded,
             block_hashes=block_hashes,
         )
+        response = await self._place_once(request, job.deadline)
+        if response.WhichOneof("result") == "shed" and self._admission.enter():
+            # Bounded admission wait: ask again while capacity may free up (see gateway/admission.py).
+            waiting_since = time.monotonic()
+            outcome = "cancelled"  # the client went away (or the deadline passed) while waiting
+            try:
+                while response.WhichOneof("result") == "shed":
+                    pause_s = self._admission.next_poll_s(
+                        response.shed.retry_after_ms,
+                        time.monotonic() - waiting_since,
+                        None if job.deadline is None else job.deadline - time.monotonic(),
+                    )
+                    if pause_s <= 0:
+                        break
+                    await asyncio.sleep(pause_s)
+                    response = await self._place_once(request, job.deadline)
+                outcome = "placed" if response.WhichOneof("result") == "placed" else "shed"
+            finally:
+                self._admission.leave(outcome)
+        if response.WhichOneof("result") == "shed":
+            raise AtCapacity(response.shed.retry_after_ms, response.shed.reason)
+        progress.worker_id = response.placed.worker_id
+        progress.region = response.placed.region
+        placed: scheduler_pb2.Placed = response.placed
+        return placed
+
+    async def _place_once(
+        self, request: scheduler_pb2.PlaceRequest, deadline: float | None
+    ) -> scheduler_pb2.PlaceResponse:
+        """One placement, retried on another scheduler replica while one is unavailable."""
         for delay_s in (*PLACE_RETRY_DELAYS_S, None):
             try:
-                response = await self._scheduler.Place(
-                    request, timeout=min(5.0, _remaining(job.deadline) or 5.0)
+                response: scheduler_pb2.PlaceResponse = await self._scheduler.Place(
+                    request, timeout=min(5.0, _remaining(deadline) or 5.0)
                 )
-                break
+                return response
             except grpc.aio.AioRpcError as exc:
                 # A scheduler replica that died or restarts answers UNAVAILABLE; the channel
                 # round-robins, so the retry goes to another replica. Reservations are keyed by
@@ -230,12 +263,7 @@ class TurnRunner:
                     ) from exc
                 log.warning("scheduler unavailable (%s); retrying placement", exc.details())
                 await asyncio.sleep(delay_s)
-        if response.WhichOneof("result") == "shed":
-            raise AtCapacity(response.shed.retry_after_ms, response.shed.reason)
-        progress.worker_id = response.placed.worker_id
-        progress.region = response.placed.region
-        placed: scheduler_pb2.Placed = response.placed
-        return placed
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _release(self, request_id: str, worker_id: str) -> None:
         async def release() -> None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from gateway import decode_errors
+from gateway.admission import AdmissionPolicy
 from gateway.auth import Authenticator, AuthMode
 from gateway.buckets import DEFAULT_LIMITS, TierLimits
 from gateway.gate import Gate
@@ -24,7 +26,7 @@ from gateway.validation import Limits
 from kvgate.redis_conn import connect_redis
 from kvgate.service import CHANNEL_OPTIONS, GrpcHost, start_metrics_server
 from kvgate.tls import TlsFiles
-from kvgate.v1 import chat_pb2, chat_pb2_grpc, scheduler_pb2_grpc
+from kvgate.v1 import chat_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class GatewaySettings:
     http_listen: str | None = None
     # TLS for the public gRPC and HTTP ports (None: plaintext).
     tls: TlsFiles | None = None
+    # How long a turn the fleet has no room for may wait for some before it is shed (0: never).
+    admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)
 
 
 class GatewayService:
@@ -67,6 +71,7 @@ class GatewayService:
             scheduler_pb2_grpc.SchedulerStub(self.scheduler_channel),
             self.workers,
             coalesce_ms=settings.coalesce_ms,
+            admission=settings.admission,
         )
         sessions = SessionStore(self.redis, settings.session_idle_ttl_s)
         limiter = None if settings.rate_limits is None else RateLimiter(self.redis, settings.rate_limits)
@@ -74,7 +79,10 @@ class GatewayService:
         self.host = GrpcHost(
             settings.listen, [CHAT_SERVICE], tls=settings.tls, loopback=settings.tls is not None
         )
-        chat_pb2_grpc.add_ChatServicer_to_server(
+        # Not the generated add_ChatServicer_to_server: a request protobuf cannot parse (invalid
+        # UTF-8) gets INVALID_ARGUMENT naming the field instead of grpc's INTERNAL.
+        decode_errors.add_servicer(
+            chat_pb2.DESCRIPTOR.services_by_name["Chat"],
             ChatServicer(
                 sessions, runner, settings.models, settings.limits, gate, Meower(settings.quarantine_pace)
             ),

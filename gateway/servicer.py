@@ -15,14 +15,15 @@ from typing import Any, Protocol
 import grpc
 import redis.exceptions
 
-from gateway import affinity, prompt
+from gateway import affinity, idempotency, prompt
 from gateway.aborts import REDIS_DOWN_RETRY_MS, abort, abort_with_pushback, redis_down
 from gateway.auth import Caller
 from gateway.gate import Gate
+from gateway.idempotency import RunningTurn
 from gateway.metrics import IN_FLIGHT_TURNS, TTFT_SECONDS, TURNS
 from gateway.relay import AtCapacity, PlacementUnavailable, TurnJob, TurnProgress, TurnRejected
-from gateway.sessions import SessionStore, now_ms
-from gateway.validation import Limits, check_max_tokens, check_messages, check_text, quoted
+from gateway.sessions import Claim, SessionStore, TurnClaim, now_ms
+from gateway.validation import Limits, check_max_tokens, check_messages, check_metadata, check_text, quoted
 from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,8 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         problem = check_text(
             "system_prompt", request.system_prompt, self._limits.max_system_prompt_bytes, required=False
         )
-        if not problem and len(request.metadata) > self._limits.max_metadata_entries:
-            limit = self._limits.max_metadata_entries
-            problem = f"metadata has {len(request.metadata)} entries; the limit is {limit}"
+        if not problem:
+            problem = check_metadata(request.metadata, self._limits)
         if problem:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
@@ -139,6 +139,66 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         problem = check_max_tokens(max_tokens, self._limits)
         if problem:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        running = None
+        if session is not None and request.idempotency_key:
+            claim = await self._claim(caller, session, request, context)
+            if claim.outcome is Claim.STORED:
+                if claim.turn_index >= len(session.turns):  # stored after the session was read
+                    session = await self._load(caller, session.session_id, context)
+                stored = session.turns[claim.turn_index]
+                if stored.user != request.content:
+                    await abort(
+                        context,
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"idempotency_key {quoted(request.idempotency_key)} was already used for "
+                        f"another message in this session (turn {claim.turn_index})",
+                    )
+                TURNS.labels(outcome="replayed").inc()
+                for event in idempotency.replay(session, claim.turn_index):
+                    yield event
+                return
+            running = RunningTurn(self._sessions, session.session_id, request.idempotency_key, claim.token)
+        try:
+            async for event in self._run_turn(
+                caller, request, session, messages, max_tokens, running, context
+            ):
+                yield event
+        finally:
+            if running is not None:
+                await running.release()
+
+    async def _claim(
+        self,
+        caller: Caller,
+        session: chat_pb2.Session,
+        request: chat_pb2.SendRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> TurnClaim:
+        try:
+            claim = await self._sessions.claim_turn(
+                session.session_id, request.idempotency_key, idempotency.CLAIM_TTL_S
+            )
+        except redis.exceptions.RedisError:
+            await redis_down(context)
+        if claim.outcome is Claim.RUNNING:
+            await abort_with_pushback(
+                context,
+                grpc.StatusCode.ABORTED,
+                "a turn with this idempotency_key is still running; retry after the pushback delay",
+                idempotency.RUNNING_RETRY_MS,
+            )
+        return claim
+
+    async def _run_turn(
+        self,
+        caller: Caller,
+        request: chat_pb2.SendRequest,
+        session: chat_pb2.Session | None,
+        messages: list[common_pb2.Message],
+        max_tokens: int,
+        running: RunningTurn | None,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[chat_pb2.SendEvent]:
         remaining = context.time_remaining()
         job = TurnJob(
             # A stateless turn with an affinity key is placed like a session (pinned to the worker
@@ -204,7 +264,11 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             )
             try:
                 # Durable before acknowledged: Done is sent only once the turn is stored.
-                turn_index = await self._sessions.append_turn(caller.tenant, session.session_id, turn)
+                turn_index = await self._sessions.append_turn(
+                    caller.tenant, session.session_id, turn, request.idempotency_key
+                )
+                if running is not None:
+                    running.stored = True
             except redis.exceptions.RedisError:
                 TURNS.labels(outcome="not_saved").inc()
                 await abort_with_pushback(
@@ -236,6 +300,13 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             problem = check_text("content", request.content, self._limits.max_message_bytes)
             if not problem and request.affinity_key:
                 problem = "affinity_key must be empty when session_id is set (the session is pinned)"
+            if not problem:
+                problem = check_text(
+                    "idempotency_key",
+                    request.idempotency_key,
+                    self._limits.max_idempotency_key_bytes,
+                    required=False,
+                )
             if problem:
                 await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
             session = await self._load(caller, request.session_id, context)
@@ -244,6 +315,11 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         problem = check_messages(messages, self._limits)
         if not problem and request.content:
             problem = "content must be empty in stateless mode: put the user turn last in messages"
+        if not problem and request.idempotency_key:
+            problem = (
+                "idempotency_key needs session_id: a stateless turn is never stored, "
+                "so a retry cannot repeat it"
+            )
         if not problem:
             problem = check_text(
                 "affinity_key", request.affinity_key, self._limits.max_affinity_key_bytes, required=False

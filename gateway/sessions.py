@@ -7,9 +7,12 @@ another tenant's session is reported exactly like a missing one, so ids reveal n
 
 from __future__ import annotations
 
+import enum
 import json
 import time
 import uuid
+from dataclasses import dataclass
+from importlib import resources
 
 import redis.asyncio as redis
 
@@ -32,6 +35,33 @@ def _turns(session_id: str) -> str:
     return f"kvgate:s:{{{session_id}}}:turns"
 
 
+def _idempotency(session_id: str) -> str:
+    """HASH idempotency key -> index of the turn stored under it."""
+    return f"kvgate:s:{{{session_id}}}:idem"
+
+
+def _running(session_id: str, key: str) -> str:
+    """STRING owner token: a turn with this idempotency key is running (expires unless kept alive)."""
+    return f"kvgate:s:{{{session_id}}}:idem-running:{key}"
+
+
+def _lua(name: str) -> str:
+    return (resources.files("gateway") / "lua" / name).read_text()
+
+
+class Claim(enum.Enum):
+    CLAIMED = "claimed"  # this request runs the turn
+    STORED = "stored"  # the turn is already stored: replay it
+    RUNNING = "running"  # another request is running it right now
+
+
+@dataclass(frozen=True)
+class TurnClaim:
+    outcome: Claim
+    turn_index: int = -1
+    token: str = ""
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -40,6 +70,9 @@ class SessionStore:
     def __init__(self, client: redis.Redis, idle_ttl_s: float) -> None:
         self._redis = client
         self._ttl_ms = int(idle_ttl_s * 1000)
+        self._append = client.register_script(_lua("append_turn.lua"))
+        self._claim = client.register_script(_lua("claim_turn.lua"))
+        self._lock = client.register_script(_lua("turn_lock.lua"))
 
     async def create(
         self, tenant: str, model: str, system_prompt: str, metadata: dict[str, str]
@@ -91,21 +124,54 @@ class SessionStore:
             updated_unix_ms=int(meta.get("updated_ms", "0")),
         )
 
-    async def append_turn(self, tenant: str, session_id: str, turn: chat_pb2.Turn) -> int:
-        """Append one finished turn; returns its index. Refreshes the session's idle TTL."""
+    async def append_turn(
+        self, tenant: str, session_id: str, turn: chat_pb2.Turn, idempotency_key: str = ""
+    ) -> int:
+        """Append one finished turn; returns its index. Refreshes the session's idle TTL.
+
+        With an idempotency key, a turn already stored under it is not appended again (its index
+        is returned), and the key's running-turn lock is released.
+        """
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(_turns(session_id), turn.SerializeToString())
-            pipe.hset(_meta(session_id), "updated_ms", turn.created_unix_ms)
-            pipe.pexpire(_meta(session_id), self._ttl_ms)
-            pipe.pexpire(_turns(session_id), self._ttl_ms)
+            await self._append(
+                keys=[
+                    _turns(session_id),
+                    _meta(session_id),
+                    _idempotency(session_id),
+                    _running(session_id, idempotency_key),
+                ],
+                args=[turn.SerializeToString(), turn.created_unix_ms, self._ttl_ms, idempotency_key],
+                client=pipe,
+            )
             pipe.zadd(tenant_sessions(tenant), {session_id: turn.created_unix_ms})
-            length, *_ = await pipe.execute()
-        return int(length) - 1
+            index, _ = await pipe.execute()
+        return int(index)
+
+    async def claim_turn(self, session_id: str, idempotency_key: str, lock_ttl_s: float) -> TurnClaim:
+        """Claim `idempotency_key` for a turn about to run (see Claim)."""
+        token = uuid.uuid4().hex
+        outcome, index = await self._claim(
+            keys=[_idempotency(session_id), _running(session_id, idempotency_key)],
+            args=[idempotency_key, token, int(lock_ttl_s * 1000)],
+        )
+        claim = Claim(outcome.decode() if isinstance(outcome, bytes) else outcome)
+        return TurnClaim(claim, int(index), token if claim is Claim.CLAIMED else "")
+
+    async def keep_claim(self, session_id: str, idempotency_key: str, token: str, lock_ttl_s: float) -> bool:
+        """Extend a running turn's lock; False when it is no longer this request's."""
+        kept = await self._lock(
+            keys=[_running(session_id, idempotency_key)], args=[token, max(1, int(lock_ttl_s * 1000))]
+        )
+        return bool(kept)
+
+    async def release_claim(self, session_id: str, idempotency_key: str, token: str) -> None:
+        """Give up a running turn's lock (the turn failed or was cancelled; a retry may run it)."""
+        await self._lock(keys=[_running(session_id, idempotency_key)], args=[token, 0])
 
     async def delete(self, tenant: str, session_id: str) -> bool:
         """Callers check ownership first (get); this removes the session from `tenant`'s index."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(_meta(session_id), _turns(session_id))
+            pipe.delete(_meta(session_id), _turns(session_id), _idempotency(session_id))
             pipe.zrem(tenant_sessions(tenant), session_id)
             deleted, _ = await pipe.execute()
         return bool(deleted)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kvgate.v1 import common_pb2
@@ -17,6 +18,9 @@ class Limits:
     default_max_tokens: int = 256
     max_system_prompt_bytes: int = 16 * 1024
     max_metadata_entries: int = 32
+    max_metadata_key_bytes: int = 128
+    max_metadata_value_bytes: int = 2048
+    max_idempotency_key_bytes: int = 128
     max_affinity_key_bytes: int = 256
 
 
@@ -53,6 +57,20 @@ def check_text(field: str, text: str, max_bytes: int, *, required: bool = True) 
 def check_max_tokens(requested: int, limits: Limits) -> str:
     if requested > limits.max_tokens_limit:
         return f"max_tokens is {requested}; the limit is {limits.max_tokens_limit}"
+    return ""
+
+
+def check_metadata(metadata: Mapping[str, str], limits: Limits) -> str:
+    if len(metadata) > limits.max_metadata_entries:
+        return f"metadata has {len(metadata)} entries; the limit is {limits.max_metadata_entries}"
+    for key in sorted(metadata):
+        problem = check_text("metadata key", key, limits.max_metadata_key_bytes)
+        if not problem:
+            problem = check_text(
+                f"metadata[{quoted(key)}]", metadata[key], limits.max_metadata_value_bytes, required=False
+            )
+        if problem:
+            return problem
     return ""
 
 

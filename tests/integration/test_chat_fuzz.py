@@ -1,8 +1,9 @@
 """Property test: whatever a client sends, the Chat service answers with a deliberate status.
 
 Random `SendRequest` and `CreateSessionRequest` contents (control characters, any non-surrogate
-unicode, empty, huge, random token limits, roles and session ids) go to the real gateway over a
-real channel. The answer is OK or one of the statuses the API promises for bad input, never
+unicode, empty, huge, random token limits, roles, session ids and idempotency keys), and the
+same requests with random bytes overwritten (invalid UTF-8, broken lengths), go to the real
+gateway over a real channel. The answer is OK or one of the statuses the API promises for bad input, never
 INTERNAL/UNKNOWN, never a traceback in the details.
 """
 
@@ -59,6 +60,14 @@ def call_send(stub: chat_pb2_grpc.ChatStub, request: chat_pb2.SendRequest) -> gr
     return None
 
 
+def call_raw_send(channel: grpc.Channel, request: bytes) -> grpc.RpcError | None:
+    try:
+        list(channel.unary_stream("/kvgate.v1.Chat/Send")(request, timeout=30))
+    except grpc.RpcError as error:
+        return error
+    return None
+
+
 async def test_random_requests_never_crash_the_chat_service(fleet: Fleet) -> None:
     await fleet.start({"us-1": ("us-east", 2000)}, gateway_overrides={"limits": LIMITS, "rate_limits": None})
     assert fleet.gateway is not None
@@ -90,6 +99,8 @@ async def test_random_requests_never_crash_the_chat_service(fleet: Fleet) -> Non
         affinity_key=st.one_of(st.just(""), texts),
         system_prompt=texts,
         metadata=st.dictionaries(texts, texts, max_size=40),
+        idempotency_key=st.one_of(st.just(""), st.just("k1"), texts),
+        corruption=st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 255)), max_size=3),
     )
     def property_holds(
         session_id: str,
@@ -100,6 +111,8 @@ async def test_random_requests_never_crash_the_chat_service(fleet: Fleet) -> Non
         affinity_key: str,
         system_prompt: str,
         metadata: dict[str, str],
+        idempotency_key: str,
+        corruption: list[tuple[int, int]],
     ) -> None:
         send = chat_pb2.SendRequest(
             session_id=session_id,
@@ -108,8 +121,16 @@ async def test_random_requests_never_crash_the_chat_service(fleet: Fleet) -> Non
             messages=history,
             model=model,
             affinity_key=affinity_key,
+            idempotency_key=idempotency_key,
         )
         check(call_send(stub, send), SEND_CODES)
+        # The same request with a few bytes overwritten, as a buggy or hostile client would send
+        # it: protobuf may refuse it (invalid UTF-8, a broken length); still a deliberate status.
+        raw = bytearray(send.SerializeToString())
+        for offset, byte in corruption:
+            if raw:
+                raw[offset % len(raw)] = byte
+        check(call_raw_send(channel, bytes(raw)), SEND_CODES)
         create = chat_pb2.CreateSessionRequest(model=model, system_prompt=system_prompt, metadata=metadata)
         try:
             stub.CreateSession(create, timeout=10)

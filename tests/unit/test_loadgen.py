@@ -229,12 +229,16 @@ class ScriptedClient:
         self.script = script or {}
         self.delay_s = delay_s
         self.calls: list[tuple[str, str]] = []
+        self.keys: list[tuple[str, str, str]] = []  # (conversation, content, idempotency key)
         self.open = 0
         self.most_open = 0
         self.closed = False
 
-    async def turn(self, conv: Conversation, content: str, max_tokens: int, timeout_s: float) -> TurnResult:
+    async def turn(
+        self, conv: Conversation, content: str, max_tokens: int, timeout_s: float, idempotency_key: str
+    ) -> TurnResult:
         self.calls.append((conv.key, content))
+        self.keys.append((conv.key, content, idempotency_key))
         self.open += 1
         self.most_open = max(self.most_open, self.open)
         try:
@@ -283,6 +287,12 @@ async def test_runner_retries_unavailable_reports_shed_and_errors_and_keeps_turn
         assert (first.turn, second.turn) == (0, 1)
     s = report.summary()
     assert (s["ok"], s["shed"], s["errors"], s["retried"], s["text_mismatches"]) == (4, 1, 1, 1, 0)
+    # Every attempt at one turn carries the same idempotency key; different turns never share one.
+    keys_by_turn: dict[tuple[str, str], set[str]] = {}
+    for conversation, content, key in client.keys:
+        keys_by_turn.setdefault((conversation, content), set()).add(key)
+    assert all(len(keys) == 1 and all(keys) for keys in keys_by_turn.values())
+    assert len({key for conversation, content, key in client.keys}) == len(keys_by_turn) == 6
 
 
 async def test_runner_gives_up_after_the_retries_and_can_retry_shed() -> None:

@@ -68,6 +68,10 @@ def test_a_request_parses_into_a_stateless_turn() -> None:
         ({"model": "m", "messages": HELLO, "n": 2}, "n"),
         ({"model": "m", "messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
         ({"model": "m", "messages": HELLO, "stream": "yes"}, "stream"),
+        # JSON can spell lone surrogates ("\ud800"), which UTF-8 and protobuf cannot carry.
+        ({"model": "m\ud800", "messages": HELLO}, "model"),
+        ({"model": "m", "messages": [{"role": "user", "content": "a\udc80"}]}, "messages[0].content"),
+        ({"model": "m", "messages": [{"role": "us\ud800er", "content": "a"}]}, "messages[0].role"),
         (
             {"model": "m", "messages": HELLO, "stream_options": {"include_usage": 1}},
             "stream_options.include_usage",

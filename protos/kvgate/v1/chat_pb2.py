@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvgate.v1 import common_pb2 as kvgate_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvgate/v1/chat.proto\x12\tkvgate.v1\x1a\x16kvgate/v1/common.proto\"\xae\x01\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12?\n\x08metadata\x18\x03 \x03(\x0b\x32-.kvgate.v1.CreateSessionRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"$\n\x13ListSessionsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"<\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.kvgate.v1.Session\"\x8b\x01\n\x04Turn\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tassistant\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvgate.v1.Usage\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03\"\xfa\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\x12\x32\n\x08metadata\x18\x04 \x03(\x0b\x32 .kvgate.v1.Session.MetadataEntry\x12\x1e\n\x05turns\x18\x05 \x03(\x0b\x32\x0f.kvgate.v1.Turn\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\x07 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x91\x01\n\x0bSendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12$\n\x08messages\x18\x04 \x03(\x0b\x32\x12.kvgate.v1.Message\x12\r\n\x05model\x18\x05 \x01(\t\x12\x14\n\x0c\x61\x66\x66inity_key\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"Q\n\tPlacement\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"f\n\x04\x44one\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kvgate.v1.Usage\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x12\n\nturn_index\x18\x04 \x01(\r\"\x87\x01\n\tSendEvent\x12)\n\tplacement\x18\x01 \x01(\x0b\x32\x14.kvgate.v1.PlacementH\x00\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x14.kvgate.v1.TextDeltaH\x00\x12\x1f\n\x04\x64one\x18\x03 \x01(\x0b\x32\x0f.kvgate.v1.DoneH\x00\x42\x07\n\x05\x65vent2\xb4\x03\n\x04\x43hat\x12\x44\n\rCreateSession\x12\x1f.kvgate.v1.CreateSessionRequest\x1a\x12.kvgate.v1.Session\x12>\n\nGetSession\x12\x1c.kvgate.v1.GetSessionRequest\x1a\x12.kvgate.v1.Session\x12R\n\rDeleteSession\x12\x1f.kvgate.v1.DeleteSessionRequest\x1a .kvgate.v1.DeleteSessionResponse\x12O\n\x0cListSessions\x12\x1e.kvgate.v1.ListSessionsRequest\x1a\x1f.kvgate.v1.ListSessionsResponse\x12\x36\n\x04Send\x12\x16.kvgate.v1.SendRequest\x1a\x14.kvgate.v1.SendEvent0\x01\x12I\n\nListModels\x12\x1c.kvgate.v1.ListModelsRequest\x1a\x1d.kvgate.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvgate/v1/chat.proto\x12\tkvgate.v1\x1a\x16kvgate/v1/common.proto\"\xae\x01\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12?\n\x08metadata\x18\x03 \x03(\x0b\x32-.kvgate.v1.CreateSessionRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"$\n\x13ListSessionsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"<\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.kvgate.v1.Session\"\x8b\x01\n\x04Turn\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tassistant\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvgate.v1.Usage\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03\"\xfa\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\x12\x32\n\x08metadata\x18\x04 \x03(\x0b\x32 .kvgate.v1.Session.MetadataEntry\x12\x1e\n\x05turns\x18\x05 \x03(\x0b\x32\x0f.kvgate.v1.Turn\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\x07 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaa\x01\n\x0bSendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12$\n\x08messages\x18\x04 \x03(\x0b\x32\x12.kvgate.v1.Message\x12\r\n\x05model\x18\x05 \x01(\t\x12\x14\n\x0c\x61\x66\x66inity_key\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"Q\n\tPlacement\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"x\n\x04\x44one\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kvgate.v1.Usage\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x12\n\nturn_index\x18\x04 \x01(\r\x12\x10\n\x08replayed\x18\x05 \x01(\x08\"\x87\x01\n\tSendEvent\x12)\n\tplacement\x18\x01 \x01(\x0b\x32\x14.kvgate.v1.PlacementH\x00\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x14.kvgate.v1.TextDeltaH\x00\x12\x1f\n\x04\x64one\x18\x03 \x01(\x0b\x32\x0f.kvgate.v1.DoneH\x00\x42\x07\n\x05\x65vent2\xb4\x03\n\x04\x43hat\x12\x44\n\rCreateSession\x12\x1f.kvgate.v1.CreateSessionRequest\x1a\x12.kvgate.v1.Session\x12>\n\nGetSession\x12\x1c.kvgate.v1.GetSessionRequest\x1a\x12.kvgate.v1.Session\x12R\n\rDeleteSession\x12\x1f.kvgate.v1.DeleteSessionRequest\x1a .kvgate.v1.DeleteSessionResponse\x12O\n\x0cListSessions\x12\x1e.kvgate.v1.ListSessionsRequest\x1a\x1f.kvgate.v1.ListSessionsResponse\x12\x36\n\x04Send\x12\x16.kvgate.v1.SendRequest\x1a\x14.kvgate.v1.SendEvent0\x01\x12I\n\nListModels\x12\x1c.kvgate.v1.ListModelsRequest\x1a\x1d.kvgate.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,19 +57,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSION_METADATAENTRY']._serialized_start=187
   _globals['_SESSION_METADATAENTRY']._serialized_end=234
   _globals['_SENDREQUEST']._serialized_start=859
-  _globals['_SENDREQUEST']._serialized_end=1004
-  _globals['_LISTMODELSREQUEST']._serialized_start=1006
-  _globals['_LISTMODELSREQUEST']._serialized_end=1025
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1027
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1063
-  _globals['_PLACEMENT']._serialized_start=1065
-  _globals['_PLACEMENT']._serialized_end=1146
-  _globals['_TEXTDELTA']._serialized_start=1148
-  _globals['_TEXTDELTA']._serialized_end=1173
-  _globals['_DONE']._serialized_start=1175
-  _globals['_DONE']._serialized_end=1277
-  _globals['_SENDEVENT']._serialized_start=1280
-  _globals['_SENDEVENT']._serialized_end=1415
-  _globals['_CHAT']._serialized_start=1418
-  _globals['_CHAT']._serialized_end=1854
+  _globals['_SENDREQUEST']._serialized_end=1029
+  _globals['_LISTMODELSREQUEST']._serialized_start=1031
+  _globals['_LISTMODELSREQUEST']._serialized_end=1050
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1052
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1088
+  _globals['_PLACEMENT']._serialized_start=1090
+  _globals['_PLACEMENT']._serialized_end=1171
+  _globals['_TEXTDELTA']._serialized_start=1173
+  _globals['_TEXTDELTA']._serialized_end=1198
+  _globals['_DONE']._serialized_start=1200
+  _globals['_DONE']._serialized_end=1320
+  _globals['_SENDEVENT']._serialized_start=1323
+  _globals['_SENDEVENT']._serialized_end=1458
+  _globals['_CHAT']._serialized_start=1461
+  _globals['_CHAT']._serialized_end=1897
 # @@protoc_insertion_point(module_scope)

@@ -265,6 +265,7 @@ class SendRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     AFFINITY_KEY_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Continue this session. Leave empty for stateless mode (see messages)."""
     content: _builtins.str
@@ -276,6 +277,12 @@ class SendRequest(_message.Message):
     affinity_key: _builtins.str
     """Stateless mode: pins turns with the same key to one worker; nothing is stored. Keys are
     scoped to the caller's tenant. Must be empty when session_id is set.
+    """
+    idempotency_key: _builtins.str
+    """Session mode: a client-chosen id for this turn (e.g. a UUID), so that sending it again
+    after a lost connection cannot store it twice. If a turn with this key is already stored,
+    the gateway replays it (Done.replayed) instead of generating a new one; if it is still
+    running, the retry gets ABORTED with a retry pushback. At most 128 bytes.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]:
@@ -290,10 +297,11 @@ class SendRequest(_message.Message):
         messages: _abc.Iterable[_common_pb2.Message] | None = ...,
         model: _builtins.str = ...,
         affinity_key: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_key", b"affinity_key", "content", b"content", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_key", b"affinity_key", "content", b"content", "idempotency_key", b"idempotency_key", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -393,9 +401,14 @@ class Done(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     TURN_INDEX_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     finish_reason: _builtins.str
     session_id: _builtins.str
     turn_index: _builtins.int
+    replayed: _builtins.bool
+    """The turn was already stored under the request's idempotency_key and is replayed from the
+    session history, not generated again.
+    """
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     def __init__(
@@ -405,10 +418,11 @@ class Done(_message.Message):
         usage: _common_pb2.Usage | None = ...,
         session_id: _builtins.str = ...,
         turn_index: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "session_id", b"session_id", "turn_index", b"turn_index", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "replayed", b"replayed", "session_id", b"session_id", "turn_index", b"turn_index", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
