@@ -7,6 +7,10 @@ import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": ("gpu_worker.bench", "simulated engine cost: steps per CPU second, jump speed-up"),
+    "worker": (
+        "gpu_worker.bench_live",
+        "live sim worker: streamed tokens/s over gRPC vs its engine model, real time and CPU-bound",
+    ),
     "relay": (
         "gateway.bench",
         "gateway relay: coalescing vs per-chunk tokens/s, added TTFT, RSS at 2,000 streams",
