@@ -24,7 +24,9 @@ ITL_SECONDS = Histogram(
 KV_BLOCKS = Gauge("kvgate_worker_kv_blocks", "KV cache blocks by state", ["engine", "state"])
 RUNNING = Gauge("kvgate_worker_running_requests", "Requests in the running batch", ["engine"])
 WAITING = Gauge("kvgate_worker_waiting_requests", "Requests waiting for admission", ["engine"])
-PREEMPTIONS = Gauge("kvgate_worker_preemptions", "Recompute preemptions since start", ["engine"])
+# A counter (rate() works across restarts); the engine reports a running total, added by its delta.
+PREEMPTIONS = Counter("kvgate_worker_preemptions", "Recompute preemptions", ["engine"])
+_preemptions_seen: dict[str, int] = {}
 PREFIX_HIT_RATE = Gauge("kvgate_worker_prefix_hit_rate", "Prompt tokens served from cache", ["engine"])
 TOKENS_PER_S = Gauge("kvgate_worker_tokens_per_second", "Generated tokens per second", ["engine"])
 STEP_MS = Gauge("kvgate_worker_step_ms", "Engine step time", ["engine"])
@@ -40,7 +42,10 @@ def observe(engine: str, stats: EngineStats) -> None:
     KV_BLOCKS.labels(engine, "free").set(free)
     RUNNING.labels(engine).set(stats.running)
     WAITING.labels(engine).set(stats.waiting)
-    PREEMPTIONS.labels(engine).set(stats.preemptions_total)
+    seen = _preemptions_seen.get(engine, 0)
+    if stats.preemptions_total > seen:
+        PREEMPTIONS.labels(engine).inc(stats.preemptions_total - seen)
+    _preemptions_seen[engine] = stats.preemptions_total
     PREFIX_HIT_RATE.labels(engine).set(stats.prefix_hit_rate)
     TOKENS_PER_S.labels(engine).set(stats.tokens_per_s)
     STEP_MS.labels(engine).set(stats.step_ms)
