@@ -1,11 +1,36 @@
 """`kvgate bench relay`: what the gateway adds to a token stream, measured side by side.
 
-It starts what it needs (Redis and Mosquitto containers unless given, a scheduler, one fast
-sim worker and two gateway processes, identical but for --coalesce-ms) and reports:
-- tokens/s relayed by one gateway with coalescing vs per-chunk relay, alternating rounds of
-  the same load, medians;
-- time to first token through the gateway vs calling the worker directly (p50s, same run);
-- the coalescing gateway's RSS while 2,000 streams are open at once.
+It starts what it needs: a Redis container, and per mode below one fleet of its own (a
+Mosquitto container, a scheduler on its own Redis database, one fast sim worker, one
+gateway), so each gateway relays only its own worker's stream. The modes:
+
+- `coalesced`: the shipped defaults. The gateway coalesces (`--coalesce-ms` default) and the
+  worker merges the steps a lagging stream missed into one message (as vLLM does).
+- `per_token`: the naive relay, no coalescing anywhere: the worker sends one message per
+  engine step (`--no-merge-chunks`) and the gateway forwards each one (`--coalesce-ms 0`).
+- `gateway_only` (breakdown): gateway coalescing on a worker that does not merge.
+
+Throughput rounds run the same load (`--streams` concurrent streams of `--tokens` tokens)
+through each mode in turn; figures are medians over `--rounds`. Wall tokens/s measures the
+whole machine (client, gateway and worker share its cores), so each round also reads the
+gateway's and the worker's CPU time from /proc: tokens per gateway CPU-second is the relay's
+own cost, and a worker using ~1 CPU-second per second marks the worker as the bottleneck.
+
+JSON keys (`--json`):
+- `coalesced_tokens_per_s`, `per_token_tokens_per_s`: wall tokens/s received by the client;
+  `coalescing_speedup` is their ratio.
+- `coalesced_tokens_per_gateway_cpu_s`, `per_token_tokens_per_gateway_cpu_s`,
+  `gateway_only_tokens_per_gateway_cpu_s`: tokens relayed per CPU-second of the gateway
+  process; `relay_cpu_speedup` = coalesced / per_token.
+- `tokens_per_message_<mode>`: tokens per client message.
+- `gateway_cpu_per_s_<mode>`, `worker_cpu_per_s_<mode>`, `client_cpu_per_s_<mode>`:
+  CPU-seconds per wall second of each process during the rounds (1.0 = one full core).
+- `ttft_gateway_p50_ms`, `ttft_direct_p50_ms`, `added_ttft_p50_ms`: time to the first text,
+  one stream at a time, through the coalesced gateway vs a Generate call to its worker, and
+  the difference of the p50s; `place_p50_ms`: a Place + its reply called on the scheduler
+  directly (the gateway waits for one before it can open the worker stream), so
+  `added_ttft_p50_ms - place_p50_ms` approximates the gateway's own share.
+- `rss_mb_at_2000_streams`: the coalesced gateway's RSS with `--open-streams` (2,000) open.
 """
 
 from __future__ import annotations
@@ -22,24 +47,39 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 
+from gateway import prompt
 from kvgate.bench_util import free_port, print_result, progress
 from kvgate.service import CHANNEL_OPTIONS
-from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2, worker_pb2, worker_pb2_grpc
+from kvgate.v1 import (
+    chat_pb2,
+    chat_pb2_grpc,
+    common_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 
 MODEL = "llama-3-8b"
+PROMPT = "Tell me about KV caches."
+
+# mode -> (extra gateway flags, extra worker flags)
+MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "coalesced": ((), ()),
+    "per_token": (("--coalesce-ms", "0"), ("--no-merge-chunks",)),
+    "gateway_only": ((), ("--no-merge-chunks",)),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", default="", help="Redis (default: a throwaway container)")
-    parser.add_argument("--mqtt-url", default="", help="MQTT broker (default: a throwaway container)")
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams per throughput round")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per stream (default: %(default)s)")
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating rounds per mode (default: %(default)s)"
-    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per mode (default: %(default)s)")
+    parser.add_argument("--ttft-samples", type=int, default=200, help="sequential TTFT samples per path")
     parser.add_argument("--open-streams", type=int, default=2000, help="streams held open for the RSS figure")
     parser.add_argument("--time-scale", type=float, default=0.02, help="sim worker slow-down; <1 is faster")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -51,57 +91,65 @@ def _kvgate(*args: str) -> subprocess.Popen[bytes]:
     )
 
 
-@contextlib.contextmanager
-def _brokers(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
-    if args.redis_url and args.mqtt_url:
-        yield args.redis_url, args.mqtt_url
-        return
-    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
-    from kvgate.containers import MosquittoServer, RedisServer
-
-    redis_server, mqtt_server = RedisServer().start(), MosquittoServer().start()
-    try:
-        yield args.redis_url or redis_server.url, args.mqtt_url or mqtt_server.url
-    finally:
-        redis_server.stop()
-        mqtt_server.stop()
+def _redis_db(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
 
 
 @dataclass
-class Processes:
+class Fleet:
+    scheduler: str
     worker: str
-    gateways: dict[str, tuple[str, int]]  # mode -> (address, pid)
-    procs: list[subprocess.Popen[bytes]]
+    worker_pid: int
+    gateway: str
+    gateway_pid: int
 
 
 @contextlib.contextmanager
-def _services(redis_url: str, mqtt_url: str, time_scale: float) -> Iterator[Processes]:
-    sched, worker = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    procs = [
-        _kvgate("scheduler", "--listen", sched, "--redis-url", redis_url, "--mqtt-url", mqtt_url),
-        _kvgate("worker", "--worker-id", "bench-relay", "--region", "local", "--listen", worker,
-                "--mqtt-url", mqtt_url, "--time-scale", str(time_scale), "--max-num-seqs", "512"),
-    ]  # fmt: skip
-    gateways = {}
-    for mode, coalesce in (("coalesced", "15"), ("per_chunk", "0")):
-        address = f"127.0.0.1:{free_port()}"
-        proc = _kvgate("gateway", "--listen", address, "--scheduler", sched, "--redis-url", redis_url,
-                       "--auth", "off", "--rate-limit", "off", "--coalesce-ms", coalesce)  # fmt: skip
-        procs.append(proc)
-        gateways[mode] = (address, proc.pid)
+def _fleets(time_scale: float) -> Iterator[dict[str, Fleet]]:
+    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+    from kvgate.containers import MosquittoServer, RedisServer
+
+    servers: list[RedisServer | MosquittoServer] = []
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        yield Processes(worker, gateways, procs)
+        redis_server = RedisServer().start()
+        servers.append(redis_server)
+        fleets = {}
+        for db, (mode, (gateway_flags, worker_flags)) in enumerate(MODES.items()):
+            broker = MosquittoServer().start()
+            servers.append(broker)
+            redis_url = _redis_db(redis_server.url, db)
+            sched, worker, gateway = (f"127.0.0.1:{free_port()}" for _ in range(3))
+            worker_proc = _kvgate(
+                "worker", "--worker-id", f"bench-{mode}", "--region", "local", "--listen", worker,
+                "--mqtt-url", broker.url, "--time-scale", str(time_scale), "--max-num-seqs", "512",
+                *worker_flags,
+            )  # fmt: skip
+            gateway_proc = _kvgate(
+                "gateway", "--listen", gateway, "--scheduler", sched, "--redis-url", redis_url,
+                "--auth", "off", "--rate-limit", "off", *gateway_flags,
+            )  # fmt: skip
+            procs += [
+                _kvgate("scheduler", "--listen", sched, "--redis-url", redis_url, "--mqtt-url", broker.url),
+                worker_proc,
+                gateway_proc,
+            ]
+            fleets[mode] = Fleet(sched, worker, worker_proc.pid, gateway, gateway_proc.pid)
+        yield fleets
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(15)
+        for server in servers:
+            server.stop()
 
 
-def _request(tokens: int, text: str = "Tell me about KV caches.") -> chat_pb2.SendRequest:
+def _request(tokens: int) -> chat_pb2.SendRequest:
     return chat_pb2.SendRequest(
-        model=MODEL, max_tokens=tokens, messages=[common_pb2.Message(role="user", content=text)]
+        model=MODEL, max_tokens=tokens, messages=[common_pb2.Message(role="user", content=PROMPT)]
     )
 
 
@@ -136,39 +184,92 @@ async def _wait_ready(address: str) -> None:
                 await asyncio.sleep(0.5)
 
 
-async def _throughput(address: str, streams: int, tokens: int) -> tuple[float, float]:
-    """(tokens/s, tokens per client message) for `streams` concurrent streams."""
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Round:
+    tokens_per_s: float
+    tokens_per_message: float
+    tokens_per_gateway_cpu_s: float
+    gateway_cpu_per_s: float
+    worker_cpu_per_s: float
+    client_cpu_per_s: float
+
+
+async def _throughput(fleet: Fleet, streams: int, tokens: int) -> Round:
+    async with grpc.aio.insecure_channel(fleet.gateway, options=CHANNEL_OPTIONS) as channel:
         stub = chat_pb2_grpc.ChatStub(channel)
+        gateway_cpu, worker_cpu, client_cpu = (
+            _cpu_s(fleet.gateway_pid),
+            _cpu_s(fleet.worker_pid),
+            time.process_time(),
+        )
         started = time.perf_counter()
         results = await asyncio.gather(*[_stream(stub, _request(tokens)) for _ in range(streams)])
         elapsed = time.perf_counter() - started
+        gateway_cpu = _cpu_s(fleet.gateway_pid) - gateway_cpu
+        worker_cpu = _cpu_s(fleet.worker_pid) - worker_cpu
+        client_cpu = time.process_time() - client_cpu
     total = sum(r[0] for r in results)
-    return total / elapsed, total / max(1, sum(r[1] for r in results))
+    return Round(
+        tokens_per_s=total / elapsed,
+        tokens_per_message=total / max(1, sum(r[1] for r in results)),
+        tokens_per_gateway_cpu_s=total / max(gateway_cpu, 1e-9),
+        gateway_cpu_per_s=gateway_cpu / elapsed,
+        worker_cpu_per_s=worker_cpu / elapsed,
+        client_cpu_per_s=client_cpu / elapsed,
+    )
 
 
-async def _ttfts(gateway: str, worker: str, samples: int) -> tuple[list[float], list[float]]:
-    via_gateway, direct = [], []
+@dataclass
+class Ttfts:
+    gateway: list[float]
+    direct: list[float]
+    place: list[float]
+
+
+async def _ttfts(fleet: Fleet, samples: int) -> Ttfts:
+    """One stream at a time (no queueing anywhere), the three paths interleaved."""
+    out = Ttfts([], [], [])
+    messages = [common_pb2.Message(role="user", content=PROMPT)]
     async with (
-        grpc.aio.insecure_channel(gateway, options=CHANNEL_OPTIONS) as g,
-        grpc.aio.insecure_channel(worker, options=CHANNEL_OPTIONS) as w,
+        grpc.aio.insecure_channel(fleet.gateway, options=CHANNEL_OPTIONS) as g,
+        grpc.aio.insecure_channel(fleet.worker, options=CHANNEL_OPTIONS) as w,
+        grpc.aio.insecure_channel(fleet.scheduler, options=CHANNEL_OPTIONS) as s,
     ):
         chat, engine = chat_pb2_grpc.ChatStub(g), worker_pb2_grpc.WorkerStub(w)
+        scheduler = scheduler_pb2_grpc.SchedulerStub(s)
         for _ in range(samples):
-            via_gateway.append((await _stream(chat, _request(4)))[2])
+            out.gateway.append((await _stream(chat, _request(4)))[2])
             started = time.perf_counter()
             call = engine.Generate(
-                worker_pb2.GenerateRequest(
-                    request_id=uuid.uuid4().hex, max_tokens=4,
-                    messages=[common_pb2.Message(role="user", content="Tell me about KV caches.")],
-                )
-            )  # fmt: skip
+                worker_pb2.GenerateRequest(request_id=uuid.uuid4().hex, max_tokens=4, messages=messages)
+            )
             async for chunk in call:
                 if chunk.text:
-                    direct.append(time.perf_counter() - started)
+                    out.direct.append(time.perf_counter() - started)
                     break
             call.cancel()
-    return via_gateway, direct
+            request_id = uuid.uuid4().hex
+            started = time.perf_counter()
+            placed = await scheduler.Place(
+                scheduler_pb2.PlaceRequest(
+                    request_id=request_id, model=MODEL, tier="free", max_new_tokens=4,
+                    prompt_tokens=prompt.estimate_tokens(messages),
+                    block_hashes=prompt.prompt_block_hashes(messages),
+                ),
+                timeout=5,
+            )  # fmt: skip
+            out.place.append(time.perf_counter() - started)
+            await scheduler.Release(
+                scheduler_pb2.ReleaseRequest(request_id=request_id, worker_id=placed.placed.worker_id)
+            )
+    return out
 
 
 def _rss_mb(pid: int) -> float:
@@ -179,7 +280,7 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def _rss_with_open_streams(address: str, pid: int, count: int, progress: Any) -> tuple[float, int]:
+async def _rss_with_open_streams(address: str, pid: int, count: int, progress: Any) -> float:
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = chat_pb2_grpc.ChatStub(channel)
         calls = [stub.Send(_request(4000), timeout=300) for _ in range(count)]
@@ -198,46 +299,66 @@ async def _rss_with_open_streams(address: str, pid: int, count: int, progress: A
         for _ in range(3):
             samples.append(_rss_mb(pid))
             await asyncio.sleep(0.5)
-        rss = max(samples)
         for call in calls:
             call.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
-        return rss, count
+        return max(samples)
 
 
-async def run_bench(args: argparse.Namespace, procs: Processes, progress: Any) -> dict[str, Any]:
-    for address, _ in procs.gateways.values():
-        await _wait_ready(address)
-    results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in procs.gateways}
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+async def run_bench(args: argparse.Namespace, fleets: dict[str, Fleet], progress: Any) -> dict[str, Any]:
+    for fleet in fleets.values():
+        await _wait_ready(fleet.gateway)
+    rounds: dict[str, list[Round]] = {mode: [] for mode in fleets}
     for round_no in range(args.rounds):
-        for mode, (address, _) in procs.gateways.items():
+        for mode, fleet in fleets.items():
             progress(
                 f"round {round_no + 1}/{args.rounds}: {mode}, {args.streams} streams x {args.tokens} tokens"
             )
-            results[mode].append(await _throughput(address, args.streams, args.tokens))
-    coalesced = statistics.median(r[0] for r in results["coalesced"])
-    per_chunk = statistics.median(r[0] for r in results["per_chunk"])
-    progress("time to first token: via the gateway vs the worker directly")
-    via, direct = await _ttfts(procs.gateways["coalesced"][0], procs.worker, 50)
-    address, pid = procs.gateways["coalesced"]
-    rss, streams = await _rss_with_open_streams(address, pid, args.open_streams, progress)
-    return {
-        "coalesced_tokens_per_s": round(coalesced),
-        "per_token_tokens_per_s": round(per_chunk),
-        "coalescing_speedup": round(coalesced / per_chunk, 2),
-        "tokens_per_message_coalesced": round(statistics.median(r[1] for r in results["coalesced"]), 2),
-        "tokens_per_message_per_token": round(statistics.median(r[1] for r in results["per_chunk"]), 2),
-        "ttft_gateway_p50_ms": round(statistics.median(via) * 1000, 3),
-        "ttft_direct_p50_ms": round(statistics.median(direct) * 1000, 3),
-        "added_ttft_p50_ms": round((statistics.median(via) - statistics.median(direct)) * 1000, 3),
-        "open_streams": streams,
-        f"rss_mb_at_{streams}_streams": round(rss, 1),
-        "rss_mb_at_2000_streams": round(rss, 1) if streams == 2000 else None,
+            rounds[mode].append(await _throughput(fleet, args.streams, args.tokens))
+
+    def median(mode: str, field: str) -> float:
+        return float(statistics.median(getattr(r, field) for r in rounds[mode]))
+
+    progress(f"time to first token, {args.ttft_samples} sequential samples: gateway, worker, Place")
+    ttft = await _ttfts(fleets["coalesced"], args.ttft_samples)
+    gateway_p50, direct_p50 = statistics.median(ttft.gateway), statistics.median(ttft.direct)
+    place_p50 = statistics.median(ttft.place)
+    rss = await _rss_with_open_streams(
+        fleets["coalesced"].gateway, fleets["coalesced"].gateway_pid, args.open_streams, progress
+    )
+    result: dict[str, Any] = {
+        "coalesced_tokens_per_s": round(median("coalesced", "tokens_per_s")),
+        "per_token_tokens_per_s": round(median("per_token", "tokens_per_s")),
+        "coalescing_speedup": round(
+            median("coalesced", "tokens_per_s") / median("per_token", "tokens_per_s"), 2
+        ),
     }
+    for mode in fleets:
+        result[f"{mode}_tokens_per_gateway_cpu_s"] = round(median(mode, "tokens_per_gateway_cpu_s"))
+    result["relay_cpu_speedup"] = round(
+        median("coalesced", "tokens_per_gateway_cpu_s") / median("per_token", "tokens_per_gateway_cpu_s"), 2
+    )
+    for field in ("tokens_per_message", "gateway_cpu_per_s", "worker_cpu_per_s", "client_cpu_per_s"):
+        for mode in fleets:
+            result[f"{field}_{mode}"] = round(median(mode, field), 2)
+    result |= {
+        "ttft_gateway_p50_ms": _ms(gateway_p50),
+        "ttft_direct_p50_ms": _ms(direct_p50),
+        "added_ttft_p50_ms": _ms(gateway_p50 - direct_p50),
+        "place_p50_ms": _ms(place_p50),
+        "open_streams": args.open_streams,
+        f"rss_mb_at_{args.open_streams}_streams": round(rss, 1),
+        "rss_mb_at_2000_streams": round(rss, 1) if args.open_streams == 2000 else None,
+    }
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
-    with _brokers(args) as (redis_url, mqtt_url), _services(redis_url, mqtt_url, args.time_scale) as procs:
-        result = asyncio.run(run_bench(args, procs, progress))
+    with _fleets(args.time_scale) as fleets:
+        result = asyncio.run(run_bench(args, fleets, progress))
     print_result(result, args.json)
     return 0

@@ -150,7 +150,7 @@ class TurnRunner:
             )
             try:
                 async with contextlib.aclosing(
-                    coalesced(_chunks(call), self._coalesce_s, self._coalesce_chars)
+                    coalesced(call, self._coalesce_s, self._coalesce_chars)
                 ) as batches:
                     async for batch in batches:
                         if not placement_sent:
@@ -275,13 +275,6 @@ class TurnRunner:
         task = asyncio.create_task(release())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-async def _chunks(
-    call: grpc.aio.UnaryStreamCall[worker_pb2.GenerateRequest, worker_pb2.GenerateChunk],
-) -> AsyncIterator[worker_pb2.GenerateChunk]:
-    async for chunk in call:
-        yield chunk
 
 
 def _remaining(deadline: float | None) -> float | None:

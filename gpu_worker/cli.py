@@ -71,6 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sim: wall seconds per modelled second; >1 slows the sim down (default: %(default)s)",
     )
     parser.add_argument(
+        "--merge-chunks",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sim: when a request's stream is behind, send the steps it missed as one message, "
+        "as vLLM does; --no-merge-chunks sends one message per step, the naive baseline of "
+        "`kvgate bench relay` (default: merge)",
+    )
+    parser.add_argument(
         "--mqtt-url",
         default=os.environ.get("KVGATE_MQTT_URL", "mqtt://localhost:1883"),
         help="broker for telemetry, mqtt://[user:password@]host[:port]; the user name must be "
@@ -121,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         time_scale=args.time_scale,
+        merge_chunks=args.merge_chunks,
         mqtt_url=args.mqtt_url,
         stats_interval_s=args.stats_interval,
         mqtt_keepalive_s=args.mqtt_keepalive,

@@ -3,6 +3,12 @@
 The pure engine says how long each step takes on the modelled GPU; this adapter
 waits that long (times --time-scale) before delivering the step's tokens, so a
 sim worker streams at the rate its GPU/model profile predicts.
+
+A request's consumer that falls behind (its gRPC stream is slower than the steps) gets the
+steps it missed merged into one chunk, as vLLM's AsyncLLM does for DELTA outputs
+(`RequestOutputCollector.put` in vllm/v1/engine/output_processor.py): one message per
+catch-up instead of a growing backlog of one-token messages. `merge_chunks=False` turns that
+off, for measuring the naive one-message-per-step stream.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ log = logging.getLogger(__name__)
 class LiveSimEngine:
     kind = "sim"
 
-    def __init__(self, config: EngineConfig, time_scale: float = 1.0) -> None:
+    def __init__(self, config: EngineConfig, time_scale: float = 1.0, merge_chunks: bool = True) -> None:
         if time_scale <= 0:
             raise EngineError(f"--time-scale must be > 0, got {time_scale}")
         self._engine = SimEngine(config)
         self._tokenizer = SimTokenizer()
         self._time_scale = time_scale
+        self._merge_chunks = merge_chunks
         self._streams: dict[str, asyncio.Queue[EngineChunk]] = {}
         self._work = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -83,6 +90,9 @@ class LiveSimEngine:
         try:
             while not finished:
                 chunk = await queue.get()
+                if self._merge_chunks:
+                    while not chunk.finished and not queue.empty():
+                        chunk = merged(chunk, queue.get_nowait())
                 finished = chunk.finished
                 yield chunk
         finally:
@@ -112,3 +122,15 @@ class LiveSimEngine:
 
     def take_kv_events(self) -> KvEventBatch:
         return self._engine.take_kv_events()
+
+
+def merged(earlier: EngineChunk, later: EngineChunk) -> EngineChunk:
+    """Two successive chunks of one request as one: their text and tokens, the later state."""
+    return EngineChunk(
+        text=earlier.text + later.text,
+        num_tokens=earlier.num_tokens + later.num_tokens,
+        prompt_tokens=later.prompt_tokens or earlier.prompt_tokens,
+        cached_tokens=later.cached_tokens or earlier.cached_tokens,
+        finished=later.finished,
+        finish_reason=later.finish_reason,
+    )

@@ -31,6 +31,7 @@ class WorkerSettings:
     stats_interval_s: float = 0.25
     mqtt_keepalive_s: int = 5
     time_scale: float = 1.0
+    merge_chunks: bool = True
     num_gpu_blocks: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -75,7 +76,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
                 max_num_batched_tokens=settings.max_num_batched_tokens,
                 num_gpu_blocks_override=settings.num_gpu_blocks,
             )
-            return LiveSimEngine(config, time_scale=settings.time_scale)
+            return LiveSimEngine(config, time_scale=settings.time_scale, merge_chunks=settings.merge_chunks)
         except ValueError as exc:
             raise EngineError(str(exc)) from exc
     if settings.engine == "vllm":

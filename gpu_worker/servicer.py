@@ -67,6 +67,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         if first:
                             ttft.observe(now - last)
                             first = False
+                            # A first chunk that merged later steps (the stream was behind)
+                            # delivered its other tokens together with the first one.
+                            for _ in range(min(chunk.num_tokens - 1, 64)):
+                                itl.observe(0.0)
                         else:
                             gap = (now - last) / chunk.num_tokens
                             for _ in range(min(chunk.num_tokens, 64)):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gateway.coalesce import coalesced
+from gateway.coalesce import MAX_BUFFERED_CHUNKS, coalesced
 
 
 @dataclass
@@ -46,3 +46,49 @@ async def test_an_error_arrives_after_the_text_before_it() -> None:
         async for batch in coalesced(stream([0, 0, 0], fail_at_end=True), 0.05, 1000):
             seen.extend(c.text for c in batch)
     assert seen == ["t0 ", "t1 ", "t2 "]
+
+
+async def test_a_slow_client_stops_the_reading_at_the_buffer_bound() -> None:
+    produced = 0
+
+    async def endless() -> AsyncIterator[Chunk]:
+        nonlocal produced
+        while True:
+            produced += 1
+            yield Chunk("x")
+            await asyncio.sleep(0)
+
+    batches = coalesced(endless(), 60, 10_000)
+    await anext(batches)
+    assert len(await anext(batches)) == MAX_BUFFERED_CHUNKS  # a full buffer goes out at once
+    before = produced
+    for _ in range(5 * MAX_BUFFERED_CHUNKS):  # the client reads nothing meanwhile
+        await asyncio.sleep(0)
+    assert MAX_BUFFERED_CHUNKS <= produced - before <= MAX_BUFFERED_CHUNKS + 2
+    await batches.aclose()
+
+
+async def test_closing_the_batches_closes_the_source_at_once() -> None:
+    closed = asyncio.Event()
+
+    async def upstream() -> AsyncIterator[Chunk]:
+        try:
+            yield Chunk("first")
+            await asyncio.Event().wait()  # a worker still generating
+            yield Chunk("never")
+        finally:
+            closed.set()
+
+    batches = coalesced(upstream(), 0.05, 1000)
+    assert [c.text for c in await anext(batches)] == ["first"]
+    await batches.aclose()  # the client cancelled
+    assert closed.is_set()
+
+
+async def test_an_error_before_any_chunk_propagates() -> None:
+    async def broken() -> AsyncIterator[Chunk]:
+        raise ConnectionError("no worker")
+        yield Chunk("unreachable")
+
+    with pytest.raises(ConnectionError):
+        await collect(broken(), window_s=0.05)
