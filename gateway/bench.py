@@ -52,7 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 import grpc
 
 from gateway import prompt
-from kvgate.bench_util import free_port, print_result, progress
+from kvgate.bench_util import free_port, print_result, process_cpu_s, progress
 from kvgate.service import CHANNEL_OPTIONS
 from kvgate.v1 import (
     chat_pb2,
@@ -184,13 +184,6 @@ async def _wait_ready(address: str) -> None:
                 await asyncio.sleep(0.5)
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Round:
     tokens_per_s: float
@@ -205,15 +198,15 @@ async def _throughput(fleet: Fleet, streams: int, tokens: int) -> Round:
     async with grpc.aio.insecure_channel(fleet.gateway, options=CHANNEL_OPTIONS) as channel:
         stub = chat_pb2_grpc.ChatStub(channel)
         gateway_cpu, worker_cpu, client_cpu = (
-            _cpu_s(fleet.gateway_pid),
-            _cpu_s(fleet.worker_pid),
+            process_cpu_s(fleet.gateway_pid),
+            process_cpu_s(fleet.worker_pid),
             time.process_time(),
         )
         started = time.perf_counter()
         results = await asyncio.gather(*[_stream(stub, _request(tokens)) for _ in range(streams)])
         elapsed = time.perf_counter() - started
-        gateway_cpu = _cpu_s(fleet.gateway_pid) - gateway_cpu
-        worker_cpu = _cpu_s(fleet.worker_pid) - worker_cpu
+        gateway_cpu = process_cpu_s(fleet.gateway_pid) - gateway_cpu
+        worker_cpu = process_cpu_s(fleet.worker_pid) - worker_cpu
         client_cpu = time.process_time() - client_cpu
     total = sum(r[0] for r in results)
     return Round(
