@@ -6,9 +6,9 @@ preempt by recompute when blocks run out, price the batch with the roofline mode
 emit the sampled tokens. No clock is read here: callers advance wall or virtual time by
 `duration_s`.
 
-Cost discipline: work per step is O(batch); per-token work happens only when hashing a
-prompt once at add_request, when a caller asks for token ids, and when a request's
-generated blocks are hashed once as it leaves the batch (see _cache_computed_blocks).
+Cost discipline: work per step is O(batch); per-token work happens only when a caller asks
+for token ids and when block hashes are needed (the pool computes them lazily: for a prefix
+lookup that can hit, a registration that can duplicate, or the KV events; see block_pool).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import islice
+from operator import attrgetter, sub
 
 from gpu_worker.engine import EngineError, EngineStats, KvEventBatch
 from gpu_worker.sim.block_pool import BlockPool, block_hashes
@@ -229,6 +229,7 @@ class _Request:
         "num_computed",
         "num_output",
         "prompt",
+        "prompt_base",
         "request_id",
         "seed",
     )
@@ -238,6 +239,8 @@ class _Request:
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
+        # Tokens dropped from the front of `prompt` once their block hashes are known.
+        self.prompt_base = 0
         self.n_prompt = len(prompt)
         self.max_new_tokens = max_new_tokens
         self.seed = seed
@@ -254,6 +257,10 @@ class _Request:
     @property
     def num_tokens(self) -> int:
         return self.n_prompt + self.num_output
+
+
+_max_new_tokens = attrgetter("max_new_tokens")
+_num_output = attrgetter("num_output")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -279,7 +286,7 @@ class SimEngine:
             self.num_blocks = kv_capacity_blocks(
                 self.gpu, self.model_profile, config.tp, config.gpu_memory_utilization, config.block_size
             )
-        self.pool = BlockPool(self.num_blocks, config.enable_prefix_caching)
+        self.pool = BlockPool(self.num_blocks, config.enable_prefix_caching, self._seq_hashes)
         self.tokenizer = tokenizer or SimTokenizer()
         self._caching = config.enable_prefix_caching
         self._requests: dict[str, _Request] = {}
@@ -328,8 +335,7 @@ class SimEngine:
         # A range is immutable: kept as it is (a copy of a long prompt cost as much as the rest of
         # add_request); anything else is copied, the caller may reuse its list.
         prompt = prompt_token_ids if type(prompt_token_ids) is range else list(prompt_token_ids)
-        hashes = block_hashes(prompt, self.block_size) if self._caching else []
-        req = _Request(request_id, prompt, max_new_tokens, seed, hashes)
+        req = _Request(request_id, prompt, max_new_tokens, seed, [])
         self._requests[request_id] = req
         self._waiting.append(req)
         self._version += 1
@@ -360,37 +366,38 @@ class SimEngine:
 
     # -- block bookkeeping ------------------------------------------------------------
 
-    def _ensure_hashes(self, req: _Request, n_blocks: int) -> None:
+    def _seq_hashes(self, req: _Request, n_blocks: int) -> list[int]:
+        """The pool's hasher: req's chained block hashes, computed up to at least n_blocks."""
         hashes = req.hashes
         have = len(hashes)
         if have >= n_blocks:
-            return
+            return hashes
         bs = self.block_size
         lo, hi = have * bs, n_blocks * bs
         n_prompt = req.n_prompt
-        tokens: Sequence[int] = req.prompt[lo:hi]
+        base = req.prompt_base
+        tokens: Sequence[int] = req.prompt[lo - base : hi - base]
         if hi > n_prompt:
             start = max(lo - n_prompt, 0)
             tokens = [*tokens, *self.tokenizer.sample_many(req.seed, start, hi - n_prompt - start)]
         hashes += block_hashes(tokens, bs, hashes[-1] if hashes else None)
+        return hashes
 
     def _cache_computed_blocks(self, req: _Request) -> None:
         """Register req's full, computed blocks in the prefix cache.
 
         Called after prefill chunks and when a request leaves the batch, not after decode
         steps: a generated block can only be hit by a prompt that contains this request's
-        unfinished answer, so deferring its hash until the request ends changes no cache
-        hit while keeping decode (and jump) free of per-token hashing. The visible effect is
-        that "stored" KV events for generated blocks arrive when the request ends.
+        unfinished answer, so deferring its registration until the request ends changes no
+        cache hit while keeping decode (and jump) free of per-block work. The visible effect
+        is that "stored" KV events for generated blocks arrive when the request ends.
         """
         if not self._caching:
             return
         target = min(req.num_computed // self.block_size, len(req.blocks))
         if target <= req.num_cached_blocks:
             return
-        self._ensure_hashes(req, target)
-        start = req.num_cached_blocks
-        self.pool.cache_blocks(req.blocks[start:target], req.hashes[start:target])
+        self.pool.cache_seq_blocks(req, req.blocks, req.num_cached_blocks, target)
         req.num_cached_blocks = target
 
     def _release(self, req: _Request) -> None:
@@ -412,9 +419,7 @@ class SimEngine:
         hits: list[int] = []
         if self._caching:
             # Never a full-prompt hit: the last token is recomputed to produce logits.
-            limit = (req.num_tokens - 1) // bs
-            self._ensure_hashes(req, limit)
-            hits = self.pool.get_computed_blocks(islice(req.hashes, limit))
+            hits = self.pool.lookup_seq(req, (req.num_tokens - 1) // bs)
         cached = len(hits) * bs
         n = min(req.num_tokens - cached, budget)
         new_blocks = _cdiv(cached + n, bs) - len(hits)
@@ -460,17 +465,23 @@ class SimEngine:
         counts: list[int] = []
         count = counts.append
         finished: list[_Request] = []
+        growing: list[_Request] = []
         for r in running:
             c = r.num_computed
             # The token at position c opens a new block (blocks always cover num_computed).
             if not c % bs and len(r.blocks) * bs <= c:
-                r.blocks.append(pool.allocate_one())
+                growing.append(r)
             r.num_computed = c + 1
             n = r.num_output + 1
             r.num_output = n
             count(n)
             if n >= r.max_new_tokens:
                 finished.append(r)
+        if growing:
+            # One allocation for the batch, handed out in schedule order: the same blocks each
+            # request would get allocating in turn.
+            for r, b in zip(growing, pool.allocate(len(growing)), strict=True):
+                r.blocks.append(b)
         decoders = running[:batch]
 
         budget = cfg.max_num_batched_tokens - batch
@@ -646,6 +657,12 @@ class SimEngine:
     def _finish(self, req: _Request) -> None:
         self._release(req)
         del self._requests[req.request_id]
+        # Lazily cached blocks keep the request until they are hashed or evicted; of its prompt
+        # they need only the tokens after the hashed blocks (a range costs nothing to keep).
+        base = min(len(req.hashes), req.n_prompt // self.block_size) * self.block_size
+        if base > req.prompt_base and type(req.prompt) is not range:
+            req.prompt = req.prompt[base - req.prompt_base :]
+            req.prompt_base = base
 
     def _record(self, step_s: float, tokens_per_step: float, intensity: float, k: int) -> None:
         """Fold k steps of (mean) duration step_s into the EWMAs: exact for k identical steps."""
@@ -688,7 +705,7 @@ class SimEngine:
             return 0
         if not self._decode_state():
             return 0  # something is still prefilling
-        k_finish = min(r.max_new_tokens - r.num_output for r in running)
+        k_finish: int = min(map(sub, map(_max_new_tokens, running), map(_num_output, running)))
         if self._waiting and batch < cfg.max_num_seqs:
             budget_left = cfg.max_num_batched_tokens - batch
             # Decode allocations only shrink the free pool (and may evict the head's cache
@@ -696,7 +713,9 @@ class SimEngine:
             if budget_left > 0 and self._plan_admission(self._waiting[0], budget_left) is not None:
                 return 0
         free = self.pool.num_free
-        if self._extra_blocks(k_finish) <= free:
+        # A request needs at most ceil(k / block_size) new blocks in k steps; usually that bound
+        # already fits and the exact count is not needed.
+        if batch * _cdiv(k_finish, self.block_size) <= free or self._extra_blocks(k_finish) <= free:
             return k_finish
         lo, hi = 0, k_finish  # extra(lo) <= free < extra(hi)
         while hi - lo > 1:
@@ -738,17 +757,30 @@ class SimEngine:
         counts: list[int] = []
         count = counts.append
         finished: list[_Request] = []
+        growing: list[tuple[_Request, int]] = []
+        total = 0
         for r in running:
             c = r.num_computed + k
             extra = -(-c // bs) - len(r.blocks)
             if extra > 0:
-                r.blocks.extend(pool.allocate(extra))
+                growing.append((r, extra))
+                total += extra
             r.num_computed = c
             n = r.num_output + k
             r.num_output = n
             count(n)
             if n >= r.max_new_tokens:
                 finished.append(r)
+        if growing:
+            # One allocation, split in schedule order: the blocks each request would get
+            # allocating in turn. (k single steps interleave the requests' allocations step by
+            # step: the same blocks leave the queue, evicting the same hashes in the same
+            # order; only which request holds which block id differs, which nothing observes.)
+            got = pool.allocate(total)
+            i = 0
+            for r, extra in growing:
+                r.blocks += got[i : i + extra]
+                i += extra
         reqs = running[:]
         # As with k single steps, requests finish only in the last step, after all allocations.
         ctx += batch * k
