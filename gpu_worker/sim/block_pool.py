@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import islice, repeat
 from typing import Any
@@ -111,13 +111,18 @@ class BlockPool:
         self._ref = [0] * num_blocks
         # A cached block's hash, LAZY - position (lazy), or None (not cached).
         self._hash: list[int | None] = [None] * num_blocks
-        # The never-used blocks are a counter, `_fresh` .. num_blocks - 1 (the head of the free
-        # queue), then `_free`, an insertion-ordered set with O(1) removal from the middle
-        # (touch of a cached block): vLLM's doubly linked FreeKVCacheBlockQueue. Freed blocks
-        # join at the tail. A thousand-worker fleet simulation spent 5 s and gigabytes on a
-        # dict of every block per engine before the counter.
+        # The free queue (vLLM's doubly linked FreeKVCacheBlockQueue): the never-used blocks as
+        # a counter, `_fresh` .. num_blocks - 1, at its head (a thousand-worker fleet simulation
+        # spent 5 s and gigabytes on a structure of every block per engine before the counter),
+        # then `_queue[_head:]`, where freed blocks join at the tail. A touch (cache hit) takes
+        # a block out of the middle by leaving a tombstone: `_tombs` counts them per block, and
+        # the oldest entries of a block are its tombstones, so popping skips them. With no
+        # tombstones, allocating n blocks is one slice.
         self._fresh = 0
-        self._free: OrderedDict[int, None] = OrderedDict()
+        self._queue: list[int] = []
+        self._head = 0
+        self._tombs: dict[int, int] = {}
+        self._num_tombs = 0
         self._cached: dict[int, int] = {}  # computed block hash -> block id
         self._num_cached_free = 0
         self._group: list[_Group | None] = [None] * num_blocks  # of each cached block
@@ -136,7 +141,7 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         """Blocks allocatable right now, including evictable cached ones."""
-        return self.num_blocks - self._fresh + len(self._free)
+        return self.num_blocks - self._fresh + len(self._queue) - self._head - self._num_tombs
 
     @property
     def num_cached_unreferenced(self) -> int:
@@ -145,7 +150,7 @@ class BlockPool:
     @property
     def num_used(self) -> int:
         """Blocks with ref count > 0."""
-        return self._fresh - len(self._free)
+        return self._fresh - (len(self._queue) - self._head - self._num_tombs)
 
     @property
     def num_cached(self) -> int:
@@ -212,7 +217,8 @@ class BlockPool:
             if self._ref[b] == 0:
                 if b >= self._fresh:
                     self._materialize_fresh()
-                del self._free[b]
+                self._tombs[b] = self._tombs.get(b, 0) + 1
+                self._num_tombs += 1
                 if self._hash[b] is not None:
                     self._num_cached_free -= 1
             self._ref[b] += 1
@@ -309,11 +315,37 @@ class BlockPool:
     # -- allocation -------------------------------------------------------------------
 
     def _materialize_fresh(self) -> None:
-        """Put the never-used blocks into `_free` (at its head, where they are in the queue)."""
-        queue = OrderedDict.fromkeys(range(self._fresh, self.num_blocks))
-        queue.update(self._free)
-        self._free = queue
+        """Put the never-used blocks into `_queue` (at its head, where they are in the queue)."""
+        self._queue = [*range(self._fresh, self.num_blocks), *self._queue[self._head :]]
+        self._head = 0
         self._fresh = self.num_blocks
+
+    def _pop(self, n: int) -> list[int]:
+        """The first n live entries of `_queue`, removed."""
+        queue, head = self._queue, self._head
+        if not self._num_tombs:
+            taken = queue[head : head + n]
+            head += n
+        else:
+            taken = []
+            tombs = self._tombs
+            while len(taken) < n:
+                b = queue[head]
+                head += 1
+                t = tombs.get(b)
+                if t is None:
+                    taken.append(b)
+                    continue
+                self._num_tombs -= 1
+                if t == 1:
+                    del tombs[b]
+                else:
+                    tombs[b] = t - 1
+        if head > 4096 and 2 * head > len(queue):
+            del queue[:head]
+            head = 0
+        self._head = head
+        return taken
 
     def allocate(self, n: int) -> list[int]:
         if n > self.num_free:
@@ -331,9 +363,7 @@ class BlockPool:
                 return out
         else:
             out = []
-        free = self._free
-        taken = list(islice(free, n))
-        _consume(map(free.__delitem__, taken))
+        taken = self._pop(n)
         self._evict_any(taken)
         _consume(map(ref.__setitem__, taken, repeat(1)))
         out += taken
@@ -346,10 +376,9 @@ class BlockPool:
             self._fresh = fresh + 1
             self._ref[fresh] = 1
             return fresh
-        free = self._free
-        if not free:
+        if not self.num_free:
             raise BlockPoolError("cannot allocate 1 block, 0 free")
-        b, _none = free.popitem(last=False)
+        (b,) = self._pop(1)
         if self._hash[b] is not None:
             self._evict_any([b])
         self._ref[b] = 1
@@ -399,15 +428,15 @@ class BlockPool:
         if list(map(ref.__getitem__, ids)).count(1) == len(ids):
             # Nobody else holds any of them: all go to the queue.
             _consume(map(ref.__setitem__, ids, repeat(0)))
-            self._free.update(zip(ids, repeat(None)))
+            self._queue += ids
             self._num_cached_free += len(ids) - list(map(hashes.__getitem__, ids)).count(None)
             return
-        free = self._free
+        queue = self._queue
         for b in ids:
             r = ref[b]
             if r == 1:
                 ref[b] = 0
-                free[b] = None
+                queue.append(b)
                 if hashes[b] is not None:
                     self._num_cached_free += 1
             elif r > 1:
@@ -469,12 +498,23 @@ class BlockPool:
 
     def check_invariants(self) -> None:
         """O(num_blocks) self-check for tests."""
-        free = self._free
+        tombs = dict(self._tombs)
+        free: list[int] = []
+        for b in self._queue[self._head :]:
+            if tombs.get(b):
+                tombs[b] -= 1
+            else:
+                free.append(b)
+        if any(tombs.values()) or sum(self._tombs.values()) != self._num_tombs:
+            raise BlockPoolError("tombstones disagree with the queue")
+        if len(set(free)) != len(free):
+            raise BlockPoolError("a block is queued twice")
+        free_set = set(free)
         counts: dict[int, int] = {}
         untracked = 0
         for b in range(self.num_blocks):
-            in_free = b >= self._fresh or b in free
-            if b >= self._fresh and (b in free or self._hash[b] is not None):
+            in_free = b >= self._fresh or b in free_set
+            if b >= self._fresh and (b in free_set or self._hash[b] is not None):
                 raise BlockPoolError(f"never-used block {b} is queued twice or has a hash")
             if in_free == (self._ref[b] > 0) or self._ref[b] < 0:
                 raise BlockPoolError(f"block {b}: ref {self._ref[b]} but in_free={in_free}")
