@@ -79,4 +79,5 @@ class SchedulerService:
     async def stop(self) -> None:
         await self.host.stop(self.settings.grace_s)
         await self._tasks.cancel_all()
+        await self.store.aclose()
         await self.redis.aclose()

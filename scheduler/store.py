@@ -15,6 +15,7 @@ from kvgate.redis_conn import as_str
 from kvgate.v1 import telemetry_pb2
 from scheduler import keys
 from scheduler.policy import FleetView, WorkerState, WorkerView
+from scheduler.redis_mux import RedisMux, ScriptRef
 
 _LIFECYCLE_TO_STATE = {
     telemetry_pb2.WORKER_LIFECYCLE_READY: WorkerState.READY,
@@ -74,7 +75,10 @@ class FleetStore:
     def __init__(self, client: redis.Redis, settings: StoreSettings) -> None:
         self._redis = client
         self.settings = settings
-        self._reserve = client.register_script(_lua("reserve.lua", reservations=True))
+        # The placement hot path (lookup, reserve, pin writes) goes through one pipelined
+        # connection; everything else uses redis-py (see redis_mux.py for why).
+        self._mux = RedisMux.like(client)
+        self._reserve = ScriptRef.of(_lua("reserve.lua", reservations=True))
         self._release = client.register_script(_lua("release.lua", reservations=True))
         self._ingest = client.register_script(_lua("ingest_stats.lua", reservations=True))
         self._ingest_kv = client.register_script(_lua("ingest_kv.lua"))
@@ -180,16 +184,14 @@ class FleetStore:
         whoever holds block k holds blocks 1..k-1: the holders of the last block of each run of
         equal counts stand for the whole run, and a popular system prompt's 500 holders are read
         once, not once per block."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            if session_id:
-                pipe.get(keys.session_pin(session_id))
-            else:
-                pipe.echo("")  # keeps the reply positions fixed
-            for block_hash in block_hashes:
-                pipe.scard(keys.block_workers(block_hash))
-            replies = await pipe.execute()
+        first: list[tuple[str, ...]] = [
+            ("GET", keys.session_pin(session_id)) if session_id else ("ECHO", "")  # fixed positions
+        ]
+        first.extend(("SCARD", keys.block_workers(block_hash)) for block_hash in block_hashes)
+        replies = await self._mux.execute_many(first, retry=True)
+        _raise_first_error(replies)
         raw_pin = replies[0]
-        pin = as_str(raw_pin) or None
+        pin = as_str(raw_pin) if raw_pin else None
         counts = [int(c) for c in replies[1:]]
         # Positions (1-based) that end a run of equal, non-zero holder counts, up to the first 0.
         ends: list[int] = []
@@ -204,14 +206,15 @@ class FleetStore:
         # Per run end, whichever reply is smaller: its holders, or a yes/no per wanted worker.
         wanted = set(worker_ids)
         asked = list(wanted)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for position in ends:
-                key = keys.block_workers(block_hashes[position - 1])
-                if counts[position - 1] <= len(asked):
-                    pipe.smembers(key)
-                else:
-                    pipe.smismember(key, asked)
-            replies = await pipe.execute()
+        second: list[tuple[str, ...]] = []
+        for position in ends:
+            key = keys.block_workers(block_hashes[position - 1])
+            if counts[position - 1] <= len(asked):
+                second.append(("SMEMBERS", key))
+            else:
+                second.append(("SMISMEMBER", key, *asked))
+        replies = await self._mux.execute_many(second, retry=True)
+        _raise_first_error(replies)
         # Later runs overwrite earlier ones: a worker's count is the deepest run it holds.
         for position, reply in zip(ends, replies, strict=True):
             if counts[position - 1] <= len(asked):
@@ -302,9 +305,11 @@ class FleetStore:
     async def reserve(
         self, worker_id: str, request_id: str, tokens: int, *, allow_draining: bool = False
     ) -> ReserveResult:
-        status, free_after = await self._reserve(
-            keys=keys.worker_reservation_keys(worker_id),
-            args=[
+        # Safe to resend: a retried request id replaces its own reservation (reserve.lua).
+        status, free_after = await self._mux.evalsha(
+            self._reserve,
+            keys.worker_reservation_keys(worker_id),
+            [
                 request_id,
                 tokens,
                 int(self.settings.reservation_ttl_s * 1000),
@@ -313,6 +318,7 @@ class FleetStore:
                 self.frozen_clock_ms,
                 self.resumed_ms,
             ],
+            retry=True,
         )
         return ReserveResult(ReserveStatus(int(status)), int(free_after))
 
@@ -330,17 +336,17 @@ class FleetStore:
         """Pin the session (idle TTL), index the pin under its worker for status, count the outcome."""
         ttl_ms = int(self.settings.pin_idle_ttl_s * 1000)
         now_ms = int(time.time() * 1000)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            if session_id:
-                pipe.set(keys.session_pin(session_id), worker_id, px=ttl_ms)
-                pins = keys.worker_pins(worker_id)
-                # Expired entries are ignored by status_extras (ZCOUNT from now) and trimmed there.
-                pipe.zadd(pins, {session_id: now_ms + ttl_ms})
-                pipe.pexpire(pins, ttl_ms)
-                if previous_worker and previous_worker != worker_id:
-                    pipe.zrem(keys.worker_pins(previous_worker), session_id)
-            pipe.hincrby(keys.PLACEMENTS_BY_OUTCOME, outcome, 1)
-            await pipe.execute()
+        commands: list[tuple[str | int, ...]] = []
+        if session_id:
+            commands.append(("SET", keys.session_pin(session_id), worker_id, "PX", ttl_ms))
+            pins = keys.worker_pins(worker_id)
+            # Expired entries are ignored by status_extras (ZCOUNT from now) and trimmed there.
+            commands.append(("ZADD", pins, now_ms + ttl_ms, session_id))
+            commands.append(("PEXPIRE", pins, ttl_ms))
+            if previous_worker and previous_worker != worker_id:
+                commands.append(("ZREM", keys.worker_pins(previous_worker), session_id))
+        commands.append(("HINCRBY", keys.PLACEMENTS_BY_OUTCOME, outcome, 1))
+        _raise_first_error(await self._mux.execute_many(commands))
 
     async def status_extras(self, worker_ids: list[str]) -> dict[str, tuple[int, int]]:
         """Per worker (pinned sessions, prefix blocks indexed): for status views, not placement."""
@@ -364,15 +370,25 @@ class FleetStore:
         return True
 
     async def count_shed(self, tier: str) -> None:
-        await self._redis.hincrby(keys.SHED_BY_TIER, tier, 1)
+        await self._mux.execute("HINCRBY", keys.SHED_BY_TIER, tier, 1)
 
     async def shed_counts(self) -> dict[str, int]:
         return {k: int(v) for k, v in _decode(await self._redis.hgetall(keys.SHED_BY_TIER)).items()}
+
+    async def aclose(self) -> None:
+        """Close the placement connection (the redis-py client belongs to the caller)."""
+        await self._mux.aclose()
 
     async def ping_ms(self) -> float:
         start = time.perf_counter()
         await self._redis.ping()
         return (time.perf_counter() - start) * 1000
+
+
+def _raise_first_error(replies: list[object]) -> None:
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            raise reply
 
 
 def _decode(
