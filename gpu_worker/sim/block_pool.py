@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import islice, repeat
+from operator import itemgetter
 from typing import Any
 
 from gpu_worker.engine import KvEventBatch
@@ -70,11 +70,6 @@ class BlockPoolError(RuntimeError):
     pass
 
 
-# Runs an iterator to its end at C speed: with map(list.__setitem__, ...) and the like, the
-# per-block updates of a request's blocks cost a fraction of a Python loop.
-_consume: Callable[[Iterable[Any]], None] = deque(maxlen=0).extend
-
-
 # In BlockPool._hash, a cached block whose hash is not computed yet holds LAZY - (its position in
 # its sequence); real hashes are >= 0.
 LAZY = -1
@@ -101,16 +96,27 @@ class _Group:
         self.count = 0  # cached blocks in the group, lazy or not
 
 
+def _gather(values: dict[int, Any], keys: Sequence[int]) -> tuple[Any, ...]:
+    """(values[k] for k in keys) as a tuple, in one C call."""
+    if len(keys) == 1:
+        return (values[keys[0]],)
+    return itemgetter(*keys)(values)  # type: ignore[no-any-return]
+
+
 class BlockPool:
+    """Block states: never used (id >= `_fresh`), queued (in `_queued`: ref count 0) or in use
+    (ref count 1 + `_extra_refs`, which only cache hits on running blocks create). A block is
+    cached when it is in `_cached_ids`; `_hash` and `_group` hold its hash (or LAZY - its
+    position) and group then, and stale values otherwise. Sets and dicts rather than per-block
+    lists let a request's blocks change state in a few C calls (set.update, dict.update).
+    """
+
     def __init__(self, num_blocks: int, enable_caching: bool = True, hasher: Hasher | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self._hasher = hasher
-        self._ref = [0] * num_blocks
-        # A cached block's hash, LAZY - position (lazy), or None (not cached).
-        self._hash: list[int | None] = [None] * num_blocks
         # The free queue (vLLM's doubly linked FreeKVCacheBlockQueue): the never-used blocks as
         # a counter, `_fresh` .. num_blocks - 1, at its head (a thousand-worker fleet simulation
         # spent 5 s and gigabytes on a structure of every block per engine before the counter),
@@ -123,15 +129,20 @@ class BlockPool:
         self._head = 0
         self._tombs: dict[int, int] = {}
         self._num_tombs = 0
+        self._queued: set[int] = set()
+        self._extra_refs: dict[int, int] = {}
+        self._cached_ids: set[int] = set()
+        self._hash: dict[int, int] = {}
+        self._group: dict[int, _Group | None] = {}
         self._cached: dict[int, int] = {}  # computed block hash -> block id
         self._num_cached_free = 0
-        self._group: list[_Group | None] = [None] * num_blocks  # of each cached block
         self._groups: dict[int, _Group] = {}  # root -> group
         # Blocks cached by hash alone (cache_block/cache_blocks): their roots are unknown, so
         # while any exist every registration is eager.
         self._untracked = 0
         # Events in order. A lazy stored entry is (sequence, lo, hi); removed hashes come in
-        # lists of ints, or of (groups, LAZY - positions) pairs for lazy blocks.
+        # lists of ints and (sequence, position) pairs, or as (groups, LAZY - positions) when
+        # all are lazy.
         self._stored: list[Any] = []
         self._removed: list[Any] = []
         self._all_cleared = False
@@ -141,7 +152,7 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         """Blocks allocatable right now, including evictable cached ones."""
-        return self.num_blocks - self._fresh + len(self._queue) - self._head - self._num_tombs
+        return self.num_blocks - self._fresh + len(self._queued)
 
     @property
     def num_cached_unreferenced(self) -> int:
@@ -150,19 +161,23 @@ class BlockPool:
     @property
     def num_used(self) -> int:
         """Blocks with ref count > 0."""
-        return self._fresh - (len(self._queue) - self._head - self._num_tombs)
+        return self._fresh - len(self._queued)
 
     @property
     def num_cached(self) -> int:
         """All cached blocks, referenced or not."""
-        return sum(1 for h in self._hash if h is not None)
+        return len(self._cached_ids)
 
     def ref_count(self, block_id: int) -> int:
-        return self._ref[block_id]
+        if block_id >= self._fresh or block_id in self._queued:
+            return 0
+        return 1 + self._extra_refs.get(block_id, 0)
 
     def block_hash(self, block_id: int) -> int | None:
+        if block_id not in self._cached_ids:
+            return None
         h = self._hash[block_id]
-        if h is not None and h < 0:
+        if h < 0:
             grp = self._group[block_id]
             assert grp is not None
             self._materialize(grp)
@@ -208,20 +223,23 @@ class BlockPool:
 
     def num_evictable_among(self, block_ids: Iterable[int]) -> int:
         """How many of these blocks sit in the free queue (touching them consumes free blocks)."""
-        ref = self._ref
-        return sum(1 for b in block_ids if ref[b] == 0)
+        queued, fresh = self._queued, self._fresh
+        return sum(1 for b in block_ids if b in queued or b >= fresh)
 
     def touch(self, block_ids: Iterable[int]) -> None:
         """Take a reference on cache hits, pulling unreferenced ones out of the free queue."""
+        queued, extra = self._queued, self._extra_refs
         for b in block_ids:
-            if self._ref[b] == 0:
-                if b >= self._fresh:
-                    self._materialize_fresh()
+            if b >= self._fresh:
+                self._materialize_fresh()
+            if b in queued:
+                queued.remove(b)
                 self._tombs[b] = self._tombs.get(b, 0) + 1
                 self._num_tombs += 1
-                if self._hash[b] is not None:
+                if b in self._cached_ids:
                     self._num_cached_free -= 1
-            self._ref[b] += 1
+            else:
+                extra[b] = extra.get(b, 0) + 1
 
     def cache_block(self, block_id: int, block_hash: int) -> bool:
         """Register a now-full, computed block under its hash. Returns False when caching is off
@@ -234,9 +252,11 @@ class BlockPool:
             self._materialize_all()
         if block_hash in self._cached:
             return False
-        if self._hash[block_id] is not None:
+        if block_id in self._cached_ids:
             raise BlockPoolError(f"block {block_id} already cached")
+        self._cached_ids.add(block_id)
         self._hash[block_id] = block_hash
+        self._group[block_id] = None
         self._cached[block_hash] = block_id
         self._untracked += 1
         self._stored.append(block_hash)
@@ -261,26 +281,28 @@ class BlockPool:
         elif grp.owner is not None and grp.owner is not seq:
             self._materialize(grp)
         ids = blocks[start:stop]
-        hashes, group_of = self._hash, self._group
+        cached_ids = self._cached_ids
         if grp.owner is seq:
-            if list(map(hashes.__getitem__, ids)).count(None) != len(ids):
+            if not cached_ids.isdisjoint(ids):
                 raise BlockPoolError("block already cached")
-            _consume(map(hashes.__setitem__, ids, range(LAZY - start, LAZY - stop, -1)))
-            _consume(map(group_of.__setitem__, ids, repeat(grp)))
+            cached_ids.update(ids)
+            self._hash.update(zip(ids, range(LAZY - start, LAZY - stop, -1), strict=True))
+            self._group.update(zip(ids, repeat(grp)))
             grp.lazy += ids
             grp.count += len(ids)
             self._stored.append((seq, start, stop))
             return
-        cached, stored = self._cached, self._stored
+        cached, stored, hashes, group_of = self._cached, self._stored, self._hash, self._group
         n = 0
         for b, h in zip(ids, hasher(seq, stop)[start:stop], strict=True):
             if h in cached:
                 continue
-            if hashes[b] is not None:
+            if b in cached_ids:
                 raise BlockPoolError(f"block {b} already cached")
+            cached_ids.add(b)
             hashes[b] = h
-            cached[h] = b
             group_of[b] = grp
+            cached[h] = b
             stored.append(h)
             n += 1
         grp.count += n
@@ -296,8 +318,8 @@ class BlockPool:
         """Compute the hashes of a lazy group's blocks; it is then cached like any other."""
         owner, lazy = grp.owner, grp.lazy
         grp.owner, grp.lazy = None, []
-        hashes, group_of = self._hash, self._group
-        live = {b: LAZY - h for b in lazy if group_of[b] is grp and (h := hashes[b]) is not None and h < 0}
+        hashes, group_of, cached_ids = self._hash, self._group, self._cached_ids
+        live = {b: LAZY - hashes[b] for b in lazy if b in cached_ids and group_of[b] is grp and hashes[b] < 0}
         if not live:
             return
         hs = self._require_hasher()(owner, max(live.values()) + 1)
@@ -316,7 +338,9 @@ class BlockPool:
 
     def _materialize_fresh(self) -> None:
         """Put the never-used blocks into `_queue` (at its head, where they are in the queue)."""
-        self._queue = [*range(self._fresh, self.num_blocks), *self._queue[self._head :]]
+        fresh = range(self._fresh, self.num_blocks)
+        self._queue = [*fresh, *self._queue[self._head :]]
+        self._queued.update(fresh)
         self._head = 0
         self._fresh = self.num_blocks
 
@@ -345,68 +369,50 @@ class BlockPool:
             del queue[:head]
             head = 0
         self._head = head
+        self._queued.difference_update(taken)
         return taken
 
     def allocate(self, n: int) -> list[int]:
         if n > self.num_free:
             raise BlockPoolError(f"cannot allocate {n} blocks, {self.num_free} free")
-        ref = self._ref
         fresh = self._fresh
         m = min(n, self.num_blocks - fresh)
         if m > 0:
-            # Never-used blocks: no hash to evict, ref 0 -> 1.
+            # Never-used blocks: no hash to evict.
             out = list(range(fresh, fresh + m))
-            ref[fresh : fresh + m] = [1] * m
             self._fresh = fresh + m
-            n -= m
-            if not n:
+            if m == n:
                 return out
+            n -= m
         else:
             out = []
         taken = self._pop(n)
-        self._evict_any(taken)
-        _consume(map(ref.__setitem__, taken, repeat(1)))
+        if not self._cached_ids.isdisjoint(taken):
+            self._evict(taken)
         out += taken
         return out
 
     def allocate_one(self) -> int:
-        """allocate(1)[0] without the list (the decode fast path crosses one block boundary)."""
-        fresh = self._fresh
-        if fresh < self.num_blocks:
-            self._fresh = fresh + 1
-            self._ref[fresh] = 1
-            return fresh
-        if not self.num_free:
-            raise BlockPoolError("cannot allocate 1 block, 0 free")
-        (b,) = self._pop(1)
-        if self._hash[b] is not None:
-            self._evict_any([b])
-        self._ref[b] = 1
-        return b
+        """allocate(1)[0] without the list."""
+        return self.allocate(1)[0]
 
-    def _evict_any(self, block_ids: list[int]) -> None:
-        """Drop the cached hashes (if any) of blocks just taken from the free queue, in order."""
-        hashes = self._hash
-        hs: list[Any] = list(map(hashes.__getitem__, block_ids))  # ints once the Nones are dropped
-        n_none = hs.count(None)
-        if n_none == len(hs):
-            return
-        if n_none:
-            block_ids = [b for b, h in zip(block_ids, hs, strict=True) if h is not None]
-            hs = [h for h in hs if h is not None]
-        group_of = self._group
-        grps = list(map(group_of.__getitem__, block_ids))
-        _consume(map(hashes.__setitem__, block_ids, repeat(None)))
-        _consume(map(group_of.__setitem__, block_ids, repeat(None)))
-        self._num_cached_free -= len(hs)
+    def _evict(self, block_ids: list[int]) -> None:
+        """Drop the cached hashes of blocks just taken from the free queue, in order."""
+        cached_ids = self._cached_ids
+        if not cached_ids.issuperset(block_ids):
+            block_ids = [b for b in block_ids if b in cached_ids]
+        cached_ids.difference_update(block_ids)
+        self._num_cached_free -= len(block_ids)
+        hs = _gather(self._hash, block_ids)
+        grps = _gather(self._group, block_ids)
         if max(hs) < 0:  # all lazy (the common case when nobody shares a prefix)
             self._removed.append((grps, hs))
         else:
+            self._removed.append([h if h >= 0 else (g.seq, LAZY - h) for g, h in zip(grps, hs, strict=True)])
             cached = self._cached
-            self._removed.append(
-                [h if h >= 0 else (g.seq, LAZY - h) for g, h in zip(grps, hs, strict=True)]  # type: ignore[union-attr]
-            )
-            _consume(map(cached.__delitem__, [h for h in hs if h >= 0]))
+            for h in hs:
+                if h >= 0:
+                    del cached[h]
         groups = self._groups
         distinct = dict.fromkeys(grps)  # usually the one or two requests freed longest ago
         for grp in distinct:
@@ -423,34 +429,37 @@ class BlockPool:
         queue in the given order, i.e. the first one is evicted first (callers pass a request's
         blocks reversed so its tail goes before the shared prefix, as vLLM does)."""
         ids = ordered_block_ids if type(ordered_block_ids) is list else list(ordered_block_ids)
-        ref = self._ref
-        hashes = self._hash
-        if list(map(ref.__getitem__, ids)).count(1) == len(ids):
-            # Nobody else holds any of them: all go to the queue.
-            _consume(map(ref.__setitem__, ids, repeat(0)))
-            self._queue += ids
-            self._num_cached_free += len(ids) - list(map(hashes.__getitem__, ids)).count(None)
+        if not ids:
             return
-        queue = self._queue
-        for b in ids:
-            r = ref[b]
-            if r == 1:
-                ref[b] = 0
-                queue.append(b)
-                if hashes[b] is not None:
-                    self._num_cached_free += 1
-            elif r > 1:
-                ref[b] = r - 1
-            else:
-                raise BlockPoolError(f"double free of block {b}")
+        queued, extra = self._queued, self._extra_refs
+        if not queued.isdisjoint(ids) or max(ids) >= self._fresh:
+            raise BlockPoolError(f"double free of a block among {ids}")
+        if extra and not extra.keys().isdisjoint(ids):
+            # Some are shared with other requests: those only lose a reference.
+            last_refs: list[int] = []
+            for b in ids:
+                r = extra.get(b)
+                if r is None:
+                    last_refs.append(b)
+                elif r == 1:
+                    del extra[b]
+                else:
+                    extra[b] = r - 1
+            ids = last_refs
+            if not ids:
+                return
+        queued.update(ids)
+        self._queue += ids
+        self._num_cached_free += len(self._cached_ids.intersection(ids))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible when no block is referenced (as in vLLM).
         Pending events are dropped: consumers clear their index on all_cleared."""
         if self.num_used:
             return False
-        self._hash = [None] * self.num_blocks
-        self._group = [None] * self.num_blocks
+        self._cached_ids.clear()
+        self._hash.clear()
+        self._group.clear()
         self._groups.clear()
         self._untracked = 0
         self._cached.clear()
@@ -507,23 +516,17 @@ class BlockPool:
                 free.append(b)
         if any(tombs.values()) or sum(self._tombs.values()) != self._num_tombs:
             raise BlockPoolError("tombstones disagree with the queue")
-        if len(set(free)) != len(free):
-            raise BlockPoolError("a block is queued twice")
-        free_set = set(free)
+        if len(set(free)) != len(free) or set(free) != self._queued:
+            raise BlockPoolError("the queue and the queued set disagree")
+        if any(b >= self._fresh for b in free) or any(b >= self._fresh for b in self._cached_ids):
+            raise BlockPoolError("a never-used block is queued or cached")
+        if any(b in self._queued or b >= self._fresh or r < 1 for b, r in self._extra_refs.items()):
+            raise BlockPoolError("extra references on a block not in use")
         counts: dict[int, int] = {}
         untracked = 0
-        for b in range(self.num_blocks):
-            in_free = b >= self._fresh or b in free_set
-            if b >= self._fresh and (b in free_set or self._hash[b] is not None):
-                raise BlockPoolError(f"never-used block {b} is queued twice or has a hash")
-            if in_free == (self._ref[b] > 0) or self._ref[b] < 0:
-                raise BlockPoolError(f"block {b}: ref {self._ref[b]} but in_free={in_free}")
+        for b in self._cached_ids:
             h = self._hash[b]
             grp = self._group[b]
-            if h is None:
-                if grp is not None:
-                    raise BlockPoolError(f"uncached block {b} has a group")
-                continue
             if grp is None:
                 untracked += 1
             else:
@@ -535,10 +538,10 @@ class BlockPool:
                     raise BlockPoolError(f"lazy block {b} is not in a lazy group")
             elif self._cached.get(h) != b:
                 raise BlockPoolError(f"block {b}: hash {h} not mapped back")
-        if len(self._cached) != sum(1 for h in self._hash if h is not None and h >= 0):
+        if len(self._cached) != sum(1 for b in self._cached_ids if self._hash[b] >= 0):
             raise BlockPoolError("cache map and block hashes disagree")
         if untracked != self._untracked or counts != {r: g.count for r, g in self._groups.items()}:
             raise BlockPoolError("group counts disagree")
-        n_cached_free = sum(1 for b in free if self._hash[b] is not None)
+        n_cached_free = len(self._queued & self._cached_ids)
         if n_cached_free != self._num_cached_free:
             raise BlockPoolError(f"cached-free counter {self._num_cached_free} != {n_cached_free}")

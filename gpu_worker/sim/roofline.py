@@ -7,13 +7,15 @@ a step (or a run of k decode steps) without touching individual tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from gpu_worker.sim.profiles import GpuProfile, ModelProfile
 
 
-@dataclass(frozen=True)
-class StepCost:
+class StepCost(NamedTuple):
+    """A step's (or a run's) seconds, FLOPs and bytes moved. A named tuple: engines build one
+    per step, and a frozen dataclass cost ~5% of a busy simulated worker's time."""
+
     seconds: float
     flops: float
     bytes: float
@@ -177,19 +179,12 @@ def _series(a: float, b: float, lo: int, hi: int) -> float:
     return n * a + b * n * (lo + hi - 1) / 2.0
 
 
-def decode_run_cost(
-    gpu: GpuProfile, model: ModelProfile, tp: int, batch: int, contexts_sum0: float, k: int
-) -> StepCost:
-    """Total cost of k consecutive pure-decode steps of a fixed batch whose attended-context
-    sum starts at contexts_sum0 and grows by `batch` each step.
-
-    Within one step both the memory and the compute time are affine in the context sum, so
-    over the run each is an arithmetic series in the step index j. Their max switches side
-    at most once (two lines cross once); the run is split at that integer step and each part
-    summed in closed form, which makes this exactly equal to summing step_cost k times.
-    """
-    if k <= 0 or batch <= 0:
-        return StepCost(0.0, 0.0, 0.0)
+def _decode_run_params(
+    gpu: GpuProfile, model: ModelProfile, tp: int, batch: int, contexts_sum0: float
+) -> tuple[float, float, float, float, float, float, float, float, float]:
+    """(m0, mb, c0, cb, fixed, bytes0, bytes_slope, flops0, flops_slope) of a decode run: step j
+    takes fixed + max(m0 + mb*j, c0 + cb*j) seconds, moves bytes0 + bytes_slope*j bytes and
+    does flops0 + flops_slope*j FLOPs."""
     kvb = kv_bytes_per_token(model)
     mem_rate = gpu.eta_bw * gpu.hbm_bandwidth * tp
     comp_rate = gpu.eta_compute * gpu.peak_flops * tp
@@ -198,9 +193,22 @@ def decode_run_cost(
     bytes_slope = kvb * batch
     flops0 = 2.0 * model.active_params * batch + attn * contexts_sum0
     flops_slope = attn * batch
-    m0, mb = bytes0 / mem_rate, bytes_slope / mem_rate
-    c0, cb = flops0 / comp_rate, flops_slope / comp_rate
+    fixed = gpu.step_overhead_s + _comm_seconds(gpu, model, tp, batch)
+    return (
+        bytes0 / mem_rate,
+        bytes_slope / mem_rate,
+        flops0 / comp_rate,
+        flops_slope / comp_rate,
+        fixed,
+        bytes0,
+        bytes_slope,
+        flops0,
+        flops_slope,
+    )
 
+
+def _decode_run_seconds(m0: float, mb: float, c0: float, cb: float, fixed: float, k: int) -> float:
+    """sum_{j<k} fixed + max(m0 + mb*j, c0 + cb*j), in closed form (see decode_run_cost)."""
     # Step index from which the line that is lower at j=0 takes over (k if never).
     if mb == cb:
         split = k
@@ -216,8 +224,26 @@ def decode_run_cost(
             return _series(m0, mb, lo, hi)
         return _series(c0, cb, lo, hi)
 
-    per_step_fixed = gpu.step_overhead_s + _comm_seconds(gpu, model, tp, batch)
-    seconds = k * per_step_fixed + segment(0, split) + segment(split, k)
+    return k * fixed + segment(0, split) + segment(split, k)
+
+
+def decode_run_cost(
+    gpu: GpuProfile, model: ModelProfile, tp: int, batch: int, contexts_sum0: float, k: int
+) -> StepCost:
+    """Total cost of k consecutive pure-decode steps of a fixed batch whose attended-context
+    sum starts at contexts_sum0 and grows by `batch` each step.
+
+    Within one step both the memory and the compute time are affine in the context sum, so
+    over the run each is an arithmetic series in the step index j. Their max switches side
+    at most once (two lines cross once); the run is split at that integer step and each part
+    summed in closed form, which makes this exactly equal to summing step_cost k times.
+    """
+    if k <= 0 or batch <= 0:
+        return StepCost(0.0, 0.0, 0.0)
+    m0, mb, c0, cb, fixed, bytes0, bytes_slope, flops0, flops_slope = _decode_run_params(
+        gpu, model, tp, batch, contexts_sum0
+    )
+    seconds = _decode_run_seconds(m0, mb, c0, cb, fixed, k)
     return StepCost(seconds, _series(flops0, flops_slope, 0, k), _series(bytes0, bytes_slope, 0, k))
 
 
@@ -243,20 +269,12 @@ def decode_steps_within(
     """
     if batch <= 0 or seconds <= 0:
         return 0
-    kvb = kv_bytes_per_token(model)
-    mem_rate = gpu.eta_bw * gpu.hbm_bandwidth * tp
-    comp_rate = gpu.eta_compute * gpu.peak_flops * tp
-    attn = _attention_flops_per_pair(model)
-    fixed = gpu.step_overhead_s + _comm_seconds(gpu, model, tp, batch)
-    m0 = (weight_bytes_read(model, batch) + kvb * contexts_sum0) / mem_rate
-    c0 = (2.0 * model.active_params * batch + attn * contexts_sum0) / comp_rate
-    guess = min(
-        _series_count(fixed + m0, kvb * batch / mem_rate, seconds),
-        _series_count(fixed + c0, attn * batch / comp_rate, seconds),
-    )
+    m0, mb, c0, cb, fixed = _decode_run_params(gpu, model, tp, batch, contexts_sum0)[:5]
+    guess = min(_series_count(fixed + m0, mb, seconds), _series_count(fixed + c0, cb, seconds))
 
     def fits(n: int) -> bool:
-        return n <= 0 or decode_run_cost(gpu, model, tp, batch, contexts_sum0, n).seconds <= seconds
+        # The very sum decode_run_cost(..., n).seconds computes.
+        return n <= 0 or _decode_run_seconds(m0, mb, c0, cb, fixed, n) <= seconds
 
     if fits(guess):
         lo = guess
