@@ -393,3 +393,122 @@ def test_steps_within_matches_summed_step_durations() -> None:
         assert run <= seconds < over
     k = min(engine.steps_until_event(), engine.steps_within(0.5))
     assert engine.jump(k).duration_s <= 0.5
+
+
+_workload = st.lists(
+    # (prompt tokens, output tokens, shared-prefix family, steps to run before the next arrival)
+    st.tuples(st.integers(1, 90), st.integers(1, 60), st.integers(0, 2), st.integers(0, 12)),
+    min_size=1,
+    max_size=14,
+)
+
+
+def _add(engine: SimEngine, i: int, prompt: int, output: int, family: int) -> None:
+    engine.add_request(f"r{i}", [family * 1000 + t for t in range(prompt)], output, seed=i)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=_workload, blocks=st.integers(30, 90), caching=st.booleans())
+def test_jump_equals_single_steps_on_random_workloads(
+    workload: list[tuple[int, int, int, int]], blocks: int, caching: bool
+) -> None:
+    """jump(k) leaves the engine as k step() calls do: same tokens, finishes, pool counters,
+    KV events and stats, with shared prefixes, preemption (small pools) and arrivals between runs."""
+    kw = {"num_gpu_blocks_override": blocks, "block_size": 4, "max_num_seqs": 5}
+    jumper, stepper = make(enable_prefix_caching=caching, **kw), make(enable_prefix_caching=caching, **kw)
+
+    def advance() -> None:
+        k = jumper.steps_until_event()
+        assert k == stepper.steps_until_event()
+        if k < 2:
+            a, b = jumper.step(), stepper.step()
+            assert (a.duration_s, a.num_scheduled_tokens, a.num_preempted) == (
+                b.duration_s,
+                b.num_scheduled_tokens,
+                b.num_preempted,
+            )
+            assert a.outputs == b.outputs
+            return
+        j = jumper.jump(k, collect_tokens=True)
+        singles = [stepper.step() for _ in range(k)]
+        assert j.duration_s == pytest.approx(sum(s.duration_s for s in singles), rel=1e-9)
+        want: dict[str, tuple[list[int], bool]] = {}
+        for s in singles:
+            for o in s.outputs:
+                ids, _ = want.get(o.request_id, ([], False))
+                want[o.request_id] = (ids + o.new_token_ids, o.finished)
+        assert {o.request_id: (o.new_token_ids, o.finished) for o in j.outputs} == want
+
+    def same_state() -> None:
+        for e in (jumper, stepper):
+            e.pool.check_invariants()
+        a, b = jumper.stats(), stepper.stats()
+        assert (a.num_blocks_used, a.num_blocks_cached, a.running, a.waiting, a.preemptions_total) == (
+            b.num_blocks_used,
+            b.num_blocks_cached,
+            b.running,
+            b.waiting,
+            b.preemptions_total,
+        )
+        assert a.admitted_request_ids == b.admitted_request_ids
+        assert a.prefix_hit_rate == b.prefix_hit_rate
+        assert jumper.take_kv_events() == stepper.take_kv_events()
+
+    for i, (prompt, output, family, steps) in enumerate(workload):
+        for e in (jumper, stepper):
+            try:
+                _add(e, i, prompt, output, family)
+            except EngineError:
+                pass
+        for _ in range(steps):
+            if jumper.has_unfinished():
+                advance()
+        same_state()
+    while jumper.has_unfinished():
+        advance()
+        same_state()
+    assert not stepper.has_unfinished()
+    # The EWMA folds a jump in as k steps of its mean duration: close, not exact.
+    assert jumper.stats().step_ms == pytest.approx(stepper.stats().step_ms, rel=1e-3)
+    assert_drained(jumper)
+
+
+class _EagerHashing(SimEngine):
+    """Reference: the pool hashes every block when it is cached (as it does while blocks cached
+    by hash alone exist), so lookups and duplicate checks run on a plain hash -> block map."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.pool._untracked = 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=_workload, blocks=st.integers(30, 90))
+def test_lazy_hashing_equals_eager_hashing(workload: list[tuple[int, int, int, int]], blocks: int) -> None:
+    """Lazily hashed blocks give the same hits, evictions, KV events and stats as hashing every
+    block as soon as it is cached."""
+    kw = {
+        "gpu": "h100",
+        "model": "llama-3-8b",
+        "num_gpu_blocks_override": blocks,
+        "block_size": 4,
+        "max_num_seqs": 5,
+    }
+    lazy, eager = SimEngine(EngineConfig(**kw)), _EagerHashing(EngineConfig(**kw))  # type: ignore[arg-type]
+    for i, (prompt, output, family, steps) in enumerate(workload):
+        for e in (lazy, eager):
+            try:
+                _add(e, i, prompt, output, family)
+            except EngineError:
+                pass
+        for _ in range(steps):
+            if lazy.has_unfinished():
+                assert lazy.step().outputs == eager.step().outputs
+        assert lazy.stats() == eager.stats()
+        assert lazy.take_kv_events() == eager.take_kv_events()
+        lazy.pool.check_invariants()
+    while lazy.has_unfinished():
+        assert lazy.step().outputs == eager.step().outputs
+    assert lazy.stats() == eager.stats()
+    assert lazy.take_kv_events() == eager.take_kv_events()
+    assert_drained(lazy)
