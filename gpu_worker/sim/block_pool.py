@@ -283,9 +283,10 @@ class BlockPool:
         ids = blocks[start:stop]
         cached_ids = self._cached_ids
         if grp.owner is seq:
-            if not cached_ids.isdisjoint(ids):
-                raise BlockPoolError("block already cached")
+            n_cached = len(cached_ids)
             cached_ids.update(ids)
+            if len(cached_ids) != n_cached + len(ids):
+                raise BlockPoolError("block already cached")
             self._hash.update(zip(ids, range(LAZY - start, LAZY - stop, -1), strict=True))
             self._group.update(zip(ids, repeat(grp)))
             grp.lazy += ids
@@ -400,7 +401,7 @@ class BlockPool:
         """Drop the cached hashes of blocks just taken from the free queue, in order."""
         cached_ids = self._cached_ids
         if not cached_ids.issuperset(block_ids):
-            block_ids = [b for b in block_ids if b in cached_ids]
+            block_ids = list(filter(cached_ids.__contains__, block_ids))
         cached_ids.difference_update(block_ids)
         self._num_cached_free -= len(block_ids)
         hs = _gather(self._hash, block_ids)
@@ -432,7 +433,7 @@ class BlockPool:
         if not ids:
             return
         queued, extra = self._queued, self._extra_refs
-        if not queued.isdisjoint(ids) or max(ids) >= self._fresh:
+        if max(ids) >= self._fresh:
             raise BlockPoolError(f"double free of a block among {ids}")
         if extra and not extra.keys().isdisjoint(ids):
             # Some are shared with other requests: those only lose a reference.
@@ -448,7 +449,10 @@ class BlockPool:
             ids = last_refs
             if not ids:
                 return
+        n_queued = len(queued)
         queued.update(ids)
+        if len(queued) != n_queued + len(ids):
+            raise BlockPoolError(f"double free of a block among {ids}")
         self._queue += ids
         self._num_cached_free += len(self._cached_ids.intersection(ids))
 

@@ -423,7 +423,7 @@ class SimEngine:
         cached = len(hits) * bs
         n = min(req.num_tokens - cached, budget)
         new_blocks = _cdiv(cached + n, bs) - len(hits)
-        if new_blocks + self.pool.num_evictable_among(hits) > self.pool.num_free:
+        if new_blocks + (self.pool.num_evictable_among(hits) if hits else 0) > self.pool.num_free:
             return None
         return hits, n, new_blocks
 
