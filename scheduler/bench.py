@@ -5,34 +5,48 @@ open-loop client sends Place RPCs at a fixed rate, alternating replicas, half of
 continuing earlier sessions (pins). Reported side by side from one run:
 - latency inside the schedulers (policy + atomic commit), from their Prometheus histograms;
 - the client-side Place round trip;
-- a bare Redis round trip (PING), the floor for any atomic placement;
+- a bare Redis round trip (PING), the floor for any atomic placement: sent through the same
+  pipelined connection the schedulers place with (scheduler/redis_mux.py), a few hundred a
+  second, from a process of its own so that the load generator's busy event loop does not
+  inflate it;
+- CPU per placement of the schedulers and per RPC of the load generator (from /proc);
 - over-commits: workers whose reservations exceed their free KV after the run (must be 0).
+
+A throwaway Redis container is reached at its bridge address when the host can route to it:
+the published port goes through docker-proxy, a userland relay that would add two hops and
+its own CPU to every command on a small machine (the RTT shows the path either way).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 import grpc
 import redis.asyncio as redis
 
-from kvgate.bench_util import free_port, print_result, progress
+from kvgate.bench_util import free_port, print_result, process_cpu_s, progress
 from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc, telemetry_pb2
+from scheduler.redis_mux import RedisMux
 from scheduler.store import FleetStore, StoreSettings
 
 BLOCK_SIZE = 16
 BLOCKS_PER_WORKER = 28_019  # Llama-3-8B on one H100 at 0.9 utilisation (kvgate engine-profile)
+# Enough samples for a stable median, few enough to cost the machine nothing noticeable.
+RTT_PROBES_PER_S = 200.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,14 +74,26 @@ def _redis_url(given: str) -> Iterator[str]:
         ) from exc
     server = RedisServer().start()
     try:
-        yield server.url
+        yield _direct_url(server) or server.url
     finally:
         server.stop()
 
 
+def _direct_url(server: Any) -> str:
+    """redis:// at the container's bridge address, if this host reaches it (Linux Docker)."""
+    try:
+        container = server.container
+        ip = container.get_docker_client().bridge_ip(container.get_wrapped_container().id)
+        with socket.create_connection((ip, server.port_inside), timeout=0.5):
+            pass
+    except Exception:  # any failure means: use the published port
+        return ""
+    return f"redis://{ip}:{server.port_inside}/0"
+
+
 @contextmanager
-def _schedulers(redis_url: str, count: int) -> Iterator[list[tuple[str, int]]]:
-    """(grpc address, metrics port) of `count` scheduler processes."""
+def _schedulers(redis_url: str, count: int) -> Iterator[list[tuple[str, int, int]]]:
+    """(grpc address, metrics port, pid) of `count` scheduler processes."""
     procs, endpoints = [], []
     try:
         for i in range(count):
@@ -82,7 +108,7 @@ def _schedulers(redis_url: str, count: int) -> Iterator[list[tuple[str, int]]]:
                     stdout=subprocess.DEVNULL,
                 )
             )  # fmt: skip
-            endpoints.append((f"127.0.0.1:{grpc_port}", metrics_port))
+            endpoints.append((f"127.0.0.1:{grpc_port}", metrics_port, procs[-1].pid))
         yield endpoints
     finally:
         for proc in procs:
@@ -191,13 +217,28 @@ def _histogram_quantiles(metrics_ports: list[int], quantiles: tuple[float, ...])
     return out
 
 
-async def _redis_rtts(client: redis.Redis, samples: int) -> list[float]:
-    rtts = []
-    for _ in range(samples):
-        started = time.perf_counter()
-        await client.ping()
-        rtts.append(time.perf_counter() - started)
-    return rtts
+def _probe_rtts(redis_url: str, duration_s: float, rate: float) -> list[float]:
+    """PING round trips (s) through a RedisMux, `rate` a second for `duration_s` (runs in a
+    process of its own)."""
+
+    async def probe() -> list[float]:
+        mux = RedisMux.like(redis.Redis.from_url(redis_url))
+        rtts: list[float] = []
+        try:
+            await mux.execute("PING")
+            start = time.perf_counter()
+            for i in range(int(duration_s * rate)):
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                started = time.perf_counter()
+                await mux.execute("PING")
+                rtts.append(time.perf_counter() - started)
+        finally:
+            await mux.aclose()
+        return rtts
+
+    return asyncio.run(probe())
 
 
 async def _overcommits(store: FleetStore, workers: int) -> int:
@@ -217,22 +258,33 @@ async def run_bench(args: argparse.Namespace, redis_url: str, progress: Any) -> 
     await client.flushdb()
     store = FleetStore(client, StoreSettings(dead_after_s=3600))
     await _register(store, args.workers)
-    with _schedulers(redis_url, args.replicas) as endpoints:
-        addresses = [a for a, _ in endpoints]
+    loop = asyncio.get_running_loop()
+    with (
+        _schedulers(redis_url, args.replicas) as endpoints,
+        ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as prober,
+    ):
+        addresses = [a for a, _, _ in endpoints]
         await _wait_ready(addresses)
         progress(f"{args.replicas} schedulers up; {args.workers} workers registered; warming up")
         await _load(addresses, rate=200, duration=1, progress=lambda _: None)
+        # Start the prober before the load: spawning it must not overlap the measured window.
+        await loop.run_in_executor(prober, _probe_rtts, redis_url, 0.0, 1.0)
         progress(f"open-loop load: {args.rate:.0f} placements/s for {args.duration:.0f} s")
+        pids = [pid for _, _, pid in endpoints]
+        cpu_before = [process_cpu_s(pid) for pid in (*pids, os.getpid())]
         before = time.perf_counter()
-        rtt_task = asyncio.create_task(_redis_rtts(client, 2000))
+        rtt_future = loop.run_in_executor(prober, _probe_rtts, redis_url, args.duration, RTT_PROBES_PER_S)
         latencies, shed, errors = await _load(addresses, args.rate, args.duration, progress)
         elapsed = time.perf_counter() - before
-        rtts = await rtt_task
-        inside_p50, inside_p99 = _histogram_quantiles([p for _, p in endpoints], (0.5, 0.99))
+        cpu = [process_cpu_s(pid) - c for pid, c in zip((*pids, os.getpid()), cpu_before, strict=True)]
+        rtts = await rtt_future
+        inside_p50, inside_p99 = _histogram_quantiles([p for _, p, _ in endpoints], (0.5, 0.99))
     overcommits = await _overcommits(store, args.workers)
+    await store.aclose()
     await client.aclose()
     q = statistics.quantiles(latencies, n=100)
     rtt_p50 = statistics.median(rtts)
+    sent = int(args.rate * args.duration)
     return {
         "replicas": args.replicas,
         "workers": args.workers,
@@ -244,7 +296,11 @@ async def run_bench(args: argparse.Namespace, redis_url: str, progress: Any) -> 
         "rpc_p50_ms": round(q[49] * 1000, 3),
         "rpc_p99_ms": round(q[98] * 1000, 3),
         "redis_rtt_p50_ms": round(rtt_p50 * 1000, 3),
-        "p50_over_redis_rtt": round(inside_p50 / rtt_p50, 2),
+        "p50_over_rtt": round(inside_p50 / rtt_p50, 2),
+        # CPU over the measured window, per placement answered (schedulers, all replicas) and
+        # per RPC sent (the load generator, this process).
+        "scheduler_cpu_ms_per_placement": round(sum(cpu[:-1]) * 1000 / max(1, len(latencies)), 3),
+        "client_cpu_ms_per_rpc": round(cpu[-1] * 1000 / max(1, sent), 3),
         "shed": shed,
         "errors": errors,
         "overcommits": overcommits,

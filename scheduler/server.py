@@ -79,5 +79,6 @@ class SchedulerService:
     async def stop(self) -> None:
         await self.host.stop(self.settings.grace_s)
         await self._tasks.cancel_all()
+        self.fleet.close()
         await self.store.aclose()
         await self.redis.aclose()

@@ -35,6 +35,13 @@ TELEMETRY_CLOCK_TTL_MS = 24 * 3600 * 1000
 
 log = logging.getLogger(__name__)
 
+# The worker info hash fields a FleetView is built from, in the order read_fleet unpacks them.
+_VIEW_FIELDS = (
+    "region", "model", "state", "block_size", "blocks_total", "blocks_used", "blocks_cached",
+    "reserved", "running", "waiting", "step_ms", "tokens_per_s", "arithmetic_intensity",
+    "prefill_tokens_per_s", "max_num_seqs", "seen_ms", "address", "engine",
+)  # fmt: skip
+
 # What redis-py accepts as a hash field or value.
 _RedisField = str | bytes | bytearray | memoryview | int | float
 
@@ -229,44 +236,50 @@ class FleetStore:
         return pin, hits
 
     async def read_fleet(self) -> FleetView:
-        ids = sorted(as_str(m) for m in await self._redis.smembers(keys.WORKERS))
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.time()
-            pipe.get(keys.TELEMETRY_CLOCK)
-            pipe.get(keys.TELEMETRY_RESUMED)
-            for wid in ids:
-                pipe.hgetall(keys.worker_info(wid))
-            replies = await pipe.execute()
+        members = await self._mux.execute("SMEMBERS", keys.WORKERS, retry=True)
+        ids = sorted(as_str(m) for m in members)
+        commands: list[tuple[str, ...]] = [
+            ("TIME",),
+            ("GET", keys.TELEMETRY_CLOCK),
+            ("GET", keys.TELEMETRY_RESUMED),
+        ]
+        commands.extend(("HMGET", keys.worker_info(wid), *_VIEW_FIELDS) for wid in ids)
+        replies = await self._mux.execute_many(commands, retry=True)
+        _raise_first_error(replies)
         seconds, micros = replies[0]
-        now_ms = self._age_clock_ms(seconds * 1000 + micros // 1000, replies[1])
-        self.resumed_ms = int(replies[2] or 0)
+        now_ms = self._age_clock_ms(int(seconds) * 1000 + int(micros) // 1000, replies[1])
+        self.resumed_ms = resumed_ms = int(replies[2] or 0)
         workers: dict[str, WorkerView] = {}
-        for i, wid in enumerate(ids):
-            info = _decode(replies[3 + i])
-            if "blocks_total" not in info:
+        # Positional, in _VIEW_FIELDS order: this runs for every worker ten times a second.
+        for wid, values in zip(ids, replies[3:], strict=True):
+            (
+                region, model, state, block_size, blocks_total, blocks_used, blocks_cached, reserved,
+                running, waiting, step_ms, tokens_per_s, intensity, prefill_rate, max_seqs, seen_ms,
+                address, engine,
+            ) = values  # fmt: skip
+            if blocks_total is None:
                 continue
             workers[wid] = WorkerView(
                 worker_id=wid,
-                region=info.get("region", ""),
-                model=info.get("model", ""),
-                state=WorkerState(info.get("state", "offline")),
-                block_size=int(info.get("block_size", "16")),
-                num_blocks_total=int(info["blocks_total"]),
-                num_blocks_used=int(info.get("blocks_used", "0")),
-                num_blocks_cached=int(info.get("blocks_cached", "0")),
-                reserved_tokens=max(0, int(info.get("reserved", "0"))),
-                running=int(info.get("running", "0")),
-                waiting=int(info.get("waiting", "0")),
-                step_ms=float(info.get("step_ms", "0")),
-                tokens_per_s=float(info.get("tokens_per_s", "0")),
-                arithmetic_intensity=float(info.get("arithmetic_intensity", "0")),
+                region=region.decode() if region else "",
+                model=model.decode() if model else "",
+                state=WorkerState(state.decode() if state else "offline"),
+                block_size=int(block_size or 16),
+                num_blocks_total=int(blocks_total),
+                num_blocks_used=int(blocks_used or 0),
+                num_blocks_cached=int(blocks_cached or 0),
+                reserved_tokens=max(0, int(reserved or 0)),
+                running=int(running or 0),
+                waiting=int(waiting or 0),
+                step_ms=float(step_ms or 0),
+                tokens_per_s=float(tokens_per_s or 0),
+                arithmetic_intensity=float(intensity or 0),
                 # Workers that do not report these (0) keep the policy's defaults.
-                prefill_tokens_per_s=float(info.get("prefill_tokens_per_s", "0"))
-                or DEFAULT_PREFILL_TOKENS_PER_S,
-                max_num_seqs=int(info.get("max_num_seqs", "0")) or DEFAULT_MAX_NUM_SEQS,
-                age_s=max(0.0, (now_ms - max(int(info.get("seen_ms", "0")), self.resumed_ms)) / 1000),
-                address=info.get("address", ""),
-                engine=info.get("engine", ""),
+                prefill_tokens_per_s=float(prefill_rate or 0) or DEFAULT_PREFILL_TOKENS_PER_S,
+                max_num_seqs=int(max_seqs or 0) or DEFAULT_MAX_NUM_SEQS,
+                age_s=max(0.0, (now_ms - max(int(seen_ms or 0), resumed_ms)) / 1000),
+                address=address.decode() if address else "",
+                engine=engine.decode() if engine else "",
             )
         return FleetView(
             workers, dead_after_s=self.settings.dead_after_s, stale_after_s=self.settings.stale_after_s
