@@ -70,10 +70,6 @@ class BlockPoolError(RuntimeError):
     pass
 
 
-# In BlockPool._hash, a cached block whose hash is not computed yet holds LAZY - (its position in
-# its sequence); real hashes are >= 0.
-LAZY = -1
-
 # (sequence, n) -> the sequence's chained block hashes, at least its first n. A sequence is any
 # object the caller registers blocks for (the engine's requests); its content must not change.
 Hasher = Callable[[Any, int], Sequence[int]]
@@ -82,18 +78,40 @@ Hasher = Callable[[Any, int], Sequence[int]]
 class _Group:
     """The cached blocks of all sequences that start with the same first block (`root`)."""
 
-    __slots__ = ("count", "lazy", "owner", "root", "seq")
+    __slots__ = ("count", "owner", "root", "runs", "tracked")
 
     def __init__(self, root: int, owner: object | None) -> None:
         self.root = root
         # The only sequence with blocks in the group while it is lazy; None once materialised.
         self.owner = owner
-        # The sequence that created it (kept: lazy removed events name it).
-        self.seq = owner
-        # Blocks registered lazily, not pruned on eviction: the ones still lazy in this group
-        # are those whose _group is this group and whose _hash is negative.
-        self.lazy: list[int] = []
+        # Lazy registrations, not pruned on eviction (see _materialize).
+        self.runs: list[_Run] = []
         self.count = 0  # cached blocks in the group, lazy or not
+        # The run of the group's hashed (materialised) blocks.
+        self.tracked = _Run(self, None, 0, [])
+
+
+class _Run:
+    """Blocks one sequence registered in one call: ids[i] holds the block at position start + i."""
+
+    __slots__ = ("_pos", "grp", "ids", "seq", "start")
+
+    def __init__(self, grp: _Group | None, seq: object, start: int, ids: Sequence[int]) -> None:
+        self.grp = grp
+        self.seq = seq
+        self.start = start
+        self.ids = ids
+        self._pos: dict[int, int] | None = None
+
+    def position(self, block_id: int) -> int:
+        pos = self._pos
+        if pos is None:
+            pos = self._pos = dict(zip(self.ids, range(self.start, self.start + len(self.ids)), strict=True))
+        return pos[block_id]
+
+
+# The run of blocks cached by hash alone (cache_block): their groups are unknown.
+_UNTRACKED = _Run(None, None, 0, [])
 
 
 def _gather(values: dict[int, Any], keys: Sequence[int]) -> tuple[Any, ...]:
@@ -106,9 +124,9 @@ def _gather(values: dict[int, Any], keys: Sequence[int]) -> tuple[Any, ...]:
 class BlockPool:
     """Block states: never used (id >= `_fresh`), queued (in `_queued`: ref count 0) or in use
     (ref count 1 + `_extra_refs`, which only cache hits on running blocks create). A block is
-    cached when it is in `_cached_ids`; `_hash` and `_group` hold its hash (or LAZY - its
-    position) and group then, and stale values otherwise. Sets and dicts rather than per-block
-    lists let a request's blocks change state in a few C calls (set.update, dict.update).
+    cached when it is in `_cached_ids`; `_run` then holds its registration (stale values
+    otherwise) and `_hash` its hash once computed. Sets and dicts rather than per-block lists
+    let a request's blocks change state in a few C calls (set.update, dict.update).
     """
 
     def __init__(self, num_blocks: int, enable_caching: bool = True, hasher: Hasher | None = None) -> None:
@@ -132,8 +150,8 @@ class BlockPool:
         self._queued: set[int] = set()
         self._extra_refs: dict[int, int] = {}
         self._cached_ids: set[int] = set()
-        self._hash: dict[int, int] = {}
-        self._group: dict[int, _Group | None] = {}
+        self._run: dict[int, _Run] = {}
+        self._hash: dict[int, int] = {}  # of the cached blocks whose hash is computed
         self._cached: dict[int, int] = {}  # computed block hash -> block id
         self._num_cached_free = 0
         self._groups: dict[int, _Group] = {}  # root -> group
@@ -141,8 +159,7 @@ class BlockPool:
         # while any exist every registration is eager.
         self._untracked = 0
         # Events in order. A lazy stored entry is (sequence, lo, hi); removed hashes come in
-        # lists of ints and (sequence, position) pairs, or as (groups, LAZY - positions) when
-        # all are lazy.
+        # lists of ints and (run, block) pairs, or as (runs, blocks) when all are lazy.
         self._stored: list[Any] = []
         self._removed: list[Any] = []
         self._all_cleared = False
@@ -176,13 +193,11 @@ class BlockPool:
     def block_hash(self, block_id: int) -> int | None:
         if block_id not in self._cached_ids:
             return None
-        h = self._hash[block_id]
-        if h < 0:
-            grp = self._group[block_id]
+        if block_id not in self._hash:
+            grp = self._run[block_id].grp
             assert grp is not None
             self._materialize(grp)
-            h = self._hash[block_id]
-        return h
+        return self._hash[block_id]
 
     # -- prefix cache -----------------------------------------------------------------
 
@@ -256,7 +271,7 @@ class BlockPool:
             raise BlockPoolError(f"block {block_id} already cached")
         self._cached_ids.add(block_id)
         self._hash[block_id] = block_hash
-        self._group[block_id] = None
+        self._run[block_id] = _UNTRACKED
         self._cached[block_hash] = block_id
         self._untracked += 1
         self._stored.append(block_hash)
@@ -287,13 +302,14 @@ class BlockPool:
             cached_ids.update(ids)
             if len(cached_ids) != n_cached + len(ids):
                 raise BlockPoolError("block already cached")
-            self._hash.update(zip(ids, range(LAZY - start, LAZY - stop, -1), strict=True))
-            self._group.update(zip(ids, repeat(grp)))
-            grp.lazy += ids
+            run = _Run(grp, seq, start, ids)
+            self._run.update(zip(ids, repeat(run)))
+            grp.runs.append(run)
             grp.count += len(ids)
             self._stored.append((seq, start, stop))
             return
-        cached, stored, hashes, group_of = self._cached, self._stored, self._hash, self._group
+        cached, stored, hashes, runs = self._cached, self._stored, self._hash, self._run
+        tracked = grp.tracked
         n = 0
         for b, h in zip(ids, hasher(seq, stop)[start:stop], strict=True):
             if h in cached:
@@ -302,7 +318,7 @@ class BlockPool:
                 raise BlockPoolError(f"block {b} already cached")
             cached_ids.add(b)
             hashes[b] = h
-            group_of[b] = grp
+            runs[b] = tracked
             cached[h] = b
             stored.append(h)
             n += 1
@@ -317,18 +333,24 @@ class BlockPool:
 
     def _materialize(self, grp: _Group) -> None:
         """Compute the hashes of a lazy group's blocks; it is then cached like any other."""
-        owner, lazy = grp.owner, grp.lazy
-        grp.owner, grp.lazy = None, []
-        hashes, group_of, cached_ids = self._hash, self._group, self._cached_ids
-        live = {b: LAZY - hashes[b] for b in lazy if b in cached_ids and group_of[b] is grp and hashes[b] < 0}
+        owner, runs = grp.owner, grp.runs
+        grp.owner, grp.runs = None, []
+        block_run, cached_ids = self._run, self._cached_ids
+        live = [
+            (b, run.start + i)
+            for run in runs
+            for i, b in enumerate(run.ids)
+            if b in cached_ids and block_run[b] is run
+        ]
         if not live:
             return
-        hs = self._require_hasher()(owner, max(live.values()) + 1)
-        cached = self._cached
-        for b, j in live.items():
+        hs = self._require_hasher()(owner, max(j for _, j in live) + 1)
+        hashes, cached, tracked = self._hash, self._cached, grp.tracked
+        for b, j in live:
             h = hs[j]
             hashes[b] = h
             cached[h] = b
+            block_run[b] = tracked
 
     def _materialize_all(self) -> None:
         for grp in self._groups.values():
@@ -404,20 +426,27 @@ class BlockPool:
             block_ids = list(filter(cached_ids.__contains__, block_ids))
         cached_ids.difference_update(block_ids)
         self._num_cached_free -= len(block_ids)
-        hs = _gather(self._hash, block_ids)
-        grps = _gather(self._group, block_ids)
-        if max(hs) < 0:  # all lazy (the common case when nobody shares a prefix)
-            self._removed.append((grps, hs))
+        runs = _gather(self._run, block_ids)
+        hashes = self._hash
+        if not hashes or hashes.keys().isdisjoint(block_ids):
+            # All lazy (the common case when nobody shares a prefix): hashed if ever taken.
+            self._removed.append((runs, block_ids))
         else:
-            self._removed.append([h if h >= 0 else (g.seq, LAZY - h) for g, h in zip(grps, hs, strict=True)])
             cached = self._cached
-            for h in hs:
-                if h >= 0:
+            removed: list[Any] = []
+            for run, b in zip(runs, block_ids, strict=True):
+                h = hashes.pop(b, None)
+                if h is None:
+                    removed.append((run, b))
+                else:
                     del cached[h]
+                    removed.append(h)
+            self._removed.append(removed)
         groups = self._groups
-        distinct = dict.fromkeys(grps)  # usually the one or two requests freed longest ago
-        for grp in distinct:
-            n = grps.count(grp) if len(distinct) > 1 else len(grps)
+        distinct = dict.fromkeys(runs)  # usually the one or two requests freed longest ago
+        for run in distinct:
+            n = runs.count(run) if len(distinct) > 1 else len(runs)
+            grp = run.grp
             if grp is None:
                 self._untracked -= n
                 continue
@@ -463,7 +492,7 @@ class BlockPool:
             return False
         self._cached_ids.clear()
         self._hash.clear()
-        self._group.clear()
+        self._run.clear()
         self._groups.clear()
         self._untracked = 0
         self._cached.clear()
@@ -499,14 +528,15 @@ class BlockPool:
         hasher = self._hasher
         for e in self._removed:
             if type(e) is tuple:
-                e = [(g.seq, LAZY - h) for g, h in zip(*e, strict=True)]
+                e = list(zip(*e, strict=True))
             for x in e:
                 if type(x) is int:
                     out.append(x)
                 else:
                     assert hasher is not None
-                    seq, j = x
-                    out.append(hasher(seq, j + 1)[j])
+                    run, b = x
+                    j = run.position(b)
+                    out.append(hasher(run.seq, j + 1)[j])
         return out
 
     def check_invariants(self) -> None:
@@ -529,20 +559,21 @@ class BlockPool:
         counts: dict[int, int] = {}
         untracked = 0
         for b in self._cached_ids:
-            h = self._hash[b]
-            grp = self._group[b]
+            run = self._run[b]
+            grp = run.grp
             if grp is None:
                 untracked += 1
             else:
                 if self._groups.get(grp.root) is not grp:
                     raise BlockPoolError(f"block {b}: its group is not registered")
                 counts[grp.root] = counts.get(grp.root, 0) + 1
-            if h < 0:
-                if grp is None or grp.owner is None or b not in grp.lazy:
+            h = self._hash.get(b)
+            if h is None:
+                if grp is None or grp.owner is None or run not in grp.runs or b not in run.ids:
                     raise BlockPoolError(f"lazy block {b} is not in a lazy group")
-            elif self._cached.get(h) != b:
+            elif self._cached.get(h) != b or run is not (grp.tracked if grp else _UNTRACKED):
                 raise BlockPoolError(f"block {b}: hash {h} not mapped back")
-        if len(self._cached) != sum(1 for b in self._cached_ids if self._hash[b] >= 0):
+        if len(self._cached) != len(self._hash) or not self._cached_ids.issuperset(self._hash):
             raise BlockPoolError("cache map and block hashes disagree")
         if untracked != self._untracked or counts != {r: g.count for r, g in self._groups.items()}:
             raise BlockPoolError("group counts disagree")
