@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 
-from kvgate.service import run_until_signalled
+from kvgate.service import run_event_loop, run_until_signalled
 from scheduler.policy import POLICIES
 from scheduler.server import SchedulerService, SchedulerSettings
 from scheduler.store import StoreSettings
@@ -84,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         await run_until_signalled("scheduler", service.start, service.stop)
 
     try:
-        asyncio.run(main())
+        run_event_loop(main())
     except ValueError as exc:
         print(f"kvgate scheduler: {exc}", file=sys.stderr)
         return 2

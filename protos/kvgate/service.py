@@ -168,6 +168,18 @@ def _log_task_death(task: asyncio.Task[None]) -> None:
         log.error("background task %s died: %r", task.get_name(), exc, exc_info=exc)
 
 
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run a service process's main coroutine: on uvloop when it is installed (the scheduler
+    spends about a sixth less CPU per placement on it, `kvgate bench placement`; grpc.aio,
+    redis-py and aiomqtt run on it unchanged), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 async def run_until_signalled(
     name: str, start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]
 ) -> None:
