@@ -78,7 +78,7 @@ Hasher = Callable[[Any, int], Sequence[int]]
 class _Group:
     """The cached blocks of all sequences that start with the same first block (`root`)."""
 
-    __slots__ = ("count", "owner", "root", "runs", "tracked")
+    __slots__ = ("_tracked", "count", "owner", "root", "runs")
 
     def __init__(self, root: int, owner: object | None) -> None:
         self.root = root
@@ -87,8 +87,14 @@ class _Group:
         # Lazy registrations, not pruned on eviction (see _materialize).
         self.runs: list[_Run] = []
         self.count = 0  # cached blocks in the group, lazy or not
-        # The run of the group's hashed (materialised) blocks.
-        self.tracked = _Run(self, None, 0, [])
+        self._tracked: _Run | None = None
+
+    @property
+    def tracked(self) -> _Run:
+        """The run of the group's hashed (materialised) blocks."""
+        if self._tracked is None:
+            self._tracked = _Run(self, None, 0, [])
+        return self._tracked
 
 
 class _Run:

@@ -309,6 +309,9 @@ class SimEngine:
         # Bumped on every state change; steps_until_event() is cached against it.
         self._version = 0
         self._event_cache = (-1, 0)
+        # (version, fewest tokens a running request has left) as the last decode step or jump
+        # left the batch, so steps_until_event need not scan it again.
+        self._min_left = (-1, 0)
 
     # -- requests -------------------------------------------------------------------
 
@@ -466,6 +469,7 @@ class SimEngine:
         count = counts.append
         finished: list[_Request] = []
         growing: list[_Request] = []
+        min_left = self.max_model_len  # fewest tokens any surviving request still has to sample
         for r in running:
             c = r.num_computed
             # The token at position c opens a new block (blocks always cover num_computed).
@@ -475,8 +479,11 @@ class SimEngine:
             n = r.num_output + 1
             r.num_output = n
             count(n)
-            if n >= r.max_new_tokens:
+            left = r.max_new_tokens - n
+            if left <= 0:
                 finished.append(r)
+            elif left < min_left:
+                min_left = left
         if growing:
             # One allocation for the batch, handed out in schedule order: the same blocks each
             # request would get allocating in turn.
@@ -508,6 +515,8 @@ class SimEngine:
             # _apply leaves the decode state unknown when a chunk stops short of the prompt end.
         if any_finished:
             self._running = [r for r in running if r.blocks]
+        if not admitted:
+            self._min_left = (self._version, min_left)
         num_outputs = batch + (len(tail) if tail else 0)
         self._record(cost.seconds, num_outputs, cost.arithmetic_intensity, 1)
         out = StepOutput(cost.seconds, None, cfg.max_num_batched_tokens - budget, cost.arithmetic_intensity)
@@ -705,7 +714,9 @@ class SimEngine:
             return 0
         if not self._decode_state():
             return 0  # something is still prefilling
-        k_finish: int = min(map(sub, map(_max_new_tokens, running), map(_num_output, running)))
+        version, k_finish = self._min_left
+        if version != self._version:
+            k_finish = min(map(sub, map(_max_new_tokens, running), map(_num_output, running)))
         if self._waiting and batch < cfg.max_num_seqs:
             budget_left = cfg.max_num_batched_tokens - batch
             # Decode allocations only shrink the free pool (and may evict the head's cache
@@ -759,6 +770,7 @@ class SimEngine:
         finished: list[_Request] = []
         growing: list[tuple[_Request, int]] = []
         total = 0
+        min_left = self.max_model_len  # fewest tokens any surviving request still has to sample
         for r in running:
             c = r.num_computed + k
             extra = -(-c // bs) - len(r.blocks)
@@ -769,8 +781,11 @@ class SimEngine:
             n = r.num_output + k
             r.num_output = n
             count(n)
-            if n >= r.max_new_tokens:
+            left = r.max_new_tokens - n
+            if left <= 0:
                 finished.append(r)
+            elif left < min_left:
+                min_left = left
         if growing:
             # One allocation, split in schedule order: the blocks each request would get
             # allocating in turn. (k single steps interleave the requests' allocations step by
@@ -790,6 +805,7 @@ class SimEngine:
         self._ctx_sum = ctx
         if finished:
             self._running = [r for r in running if r.blocks]
+        self._min_left = (self._version, min_left)
         self._record(cost.seconds / k, batch, cost.arithmetic_intensity, k)
         out = JumpOutput(k, cost.seconds, None, batch * k, cost.arithmetic_intensity)
         out._init_lazy(None, reqs, counts, k, collect_tokens, None, self.tokenizer)
