@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 PLACEMENTS = Counter(
@@ -9,6 +11,15 @@ PLACEMENTS = Counter(
     "Placement decisions by outcome (new, pinned_hit, moved, shed) and tier",
     ["outcome", "tier"],
 )
+
+
+@functools.lru_cache(maxsize=256)
+def placements(outcome: str, tier: str) -> Counter:
+    """PLACEMENTS' child for these labels: looking labels up costs more than the increment, and
+    every Place increments one."""
+    return PLACEMENTS.labels(outcome=outcome, tier=tier)
+
+
 PLACEMENT_SECONDS = Histogram(
     "kvgate_scheduler_placement_seconds",
     "Time inside the scheduler for one Place: policy plus atomic commit",

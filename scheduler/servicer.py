@@ -63,11 +63,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def _place(self, request: scheduler_pb2.PlaceRequest) -> scheduler_pb2.PlaceResponse:
         tier = request.tier or "free"
-        fleet = await self._fleet.get()
-        serving = [w.worker_id for w in fleet.workers.values() if w.model == request.model]
-        pinned, prefix_hits = await self._store.lookup(
-            request.session_id, serving, list(request.block_hashes)
-        )
+        block_hashes = list(request.block_hashes)
+        serving: list[str] = []
+        if block_hashes:  # only prefix hits need to know who serves the model
+            fleet = await self._fleet.get()
+            serving = [w.worker_id for w in fleet.workers.values() if w.model == request.model]
+        pinned, prefix_hits = await self._store.lookup(request.session_id, serving, block_hashes)
         placement = PlacementRequest(
             request_id=request.request_id,
             session_id=request.session_id,
@@ -75,7 +76,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             prompt_tokens=request.prompt_tokens,
             max_new_tokens=request.max_new_tokens,
             tier=tier,
-            block_hashes=tuple(request.block_hashes),
+            block_hashes=tuple(block_hashes),
             exclude_workers=frozenset(request.exclude_workers),
             pinned_worker=pinned,
             client_region=request.client_region,
@@ -97,7 +98,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 self._spawn(
                     self._store.record_placement(request.session_id, worker_id, pinned, outcome.value)
                 )
-                metrics.PLACEMENTS.labels(outcome=outcome.value, tier=tier).inc()
+                metrics.placements(outcome.value, tier).inc()
                 return scheduler_pb2.PlaceResponse(
                     placed=scheduler_pb2.Placed(
                         worker_id=worker_id,
@@ -114,7 +115,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         assert isinstance(decision, Shed)
         shed_tier = decision.tier or tier
         await self._store.count_shed(shed_tier)
-        metrics.PLACEMENTS.labels(outcome="shed", tier=shed_tier).inc()
+        metrics.placements("shed", shed_tier).inc()
         return scheduler_pb2.PlaceResponse(
             shed=scheduler_pb2.Shed(
                 retry_after_ms=math.ceil(decision.retry_after_s * 1000), reason=decision.reason
