@@ -341,7 +341,10 @@ class SimEngine:
         req = _Request(request_id, prompt, max_new_tokens, seed, [])
         self._requests[request_id] = req
         self._waiting.append(req)
+        version, left = self._min_left
         self._version += 1
+        if version == self._version - 1:
+            self._min_left = (self._version, left)  # the running batch is unchanged
 
     def abort(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)
