@@ -81,7 +81,11 @@ class _Protocol(asyncio.Protocol):
         reader.feed(data)
         pending = self.pending
         while True:
-            reply = reader.gets()
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.fail(rx.ConnectionError(f"Redis protocol error: {exc}"))
+                return
             if reply is False:
                 return
             if not pending:
