@@ -309,8 +309,8 @@ class SimEngine:
         # Bumped on every state change; steps_until_event() is cached against it.
         self._version = 0
         self._event_cache = (-1, 0)
-        # (version, fewest tokens a running request has left) as the last decode step or jump
-        # left the batch, so steps_until_event need not scan it again.
+        # (version, fewest tokens a running request has left to sample), carried through decode
+        # steps and jumps that finish or admit nothing, so steps_until_event need not rescan.
         self._min_left = (-1, 0)
 
     # -- requests -------------------------------------------------------------------
@@ -472,7 +472,6 @@ class SimEngine:
         count = counts.append
         finished: list[_Request] = []
         growing: list[_Request] = []
-        min_left = self.max_model_len  # fewest tokens any surviving request still has to sample
         for r in running:
             c = r.num_computed
             # The token at position c opens a new block (blocks always cover num_computed).
@@ -482,11 +481,8 @@ class SimEngine:
             n = r.num_output + 1
             r.num_output = n
             count(n)
-            left = r.max_new_tokens - n
-            if left <= 0:
+            if n >= r.max_new_tokens:
                 finished.append(r)
-            elif left < min_left:
-                min_left = left
         if growing:
             # One allocation for the batch, handed out in schedule order: the same blocks each
             # request would get allocating in turn.
@@ -518,8 +514,8 @@ class SimEngine:
             # _apply leaves the decode state unknown when a chunk stops short of the prompt end.
         if any_finished:
             self._running = [r for r in running if r.blocks]
-        if not admitted:
-            self._min_left = (self._version, min_left)
+        if not (admitted or finished) and self._min_left[0] == self._version - 1:
+            self._min_left = (self._version, self._min_left[1] - 1)
         num_outputs = batch + (len(tail) if tail else 0)
         self._record(cost.seconds, num_outputs, cost.arithmetic_intensity, 1)
         out = StepOutput(cost.seconds, None, cfg.max_num_batched_tokens - budget, cost.arithmetic_intensity)
@@ -720,6 +716,7 @@ class SimEngine:
         version, k_finish = self._min_left
         if version != self._version:
             k_finish = min(map(sub, map(_max_new_tokens, running), map(_num_output, running)))
+            self._min_left = (self._version, k_finish)
         if self._waiting and batch < cfg.max_num_seqs:
             budget_left = cfg.max_num_batched_tokens - batch
             # Decode allocations only shrink the free pool (and may evict the head's cache
@@ -773,7 +770,6 @@ class SimEngine:
         finished: list[_Request] = []
         growing: list[tuple[_Request, int]] = []
         total = 0
-        min_left = self.max_model_len  # fewest tokens any surviving request still has to sample
         for r in running:
             c = r.num_computed + k
             extra = -(-c // bs) - len(r.blocks)
@@ -784,11 +780,8 @@ class SimEngine:
             n = r.num_output + k
             r.num_output = n
             count(n)
-            left = r.max_new_tokens - n
-            if left <= 0:
+            if n >= r.max_new_tokens:
                 finished.append(r)
-            elif left < min_left:
-                min_left = left
         if growing:
             # One allocation, split in schedule order: the blocks each request would get
             # allocating in turn. (k single steps interleave the requests' allocations step by
@@ -808,7 +801,8 @@ class SimEngine:
         self._ctx_sum = ctx
         if finished:
             self._running = [r for r in running if r.blocks]
-        self._min_left = (self._version, min_left)
+        if not finished and self._min_left[0] == self._version - 1:
+            self._min_left = (self._version, self._min_left[1] - k)
         self._record(cost.seconds / k, batch, cost.arithmetic_intensity, k)
         out = JumpOutput(k, cost.seconds, None, batch * k, cost.arithmetic_intensity)
         out._init_lazy(None, reqs, counts, k, collect_tokens, None, self.tokenizer)
