@@ -75,6 +75,7 @@ async def main(url: str) -> None:
                 cpu_ms = 1000 * (time.process_time() - cpu) / REPEAT
                 timing = f"{wall_ms:7.2f} ms wall {cpu_ms:7.2f} ms CPU"
                 print(f"{name:8s} {n:5d} workers  {how:12s} {timing}  {len(hits)} hit")
+    await store.aclose()
     await client.aclose()
 
 
