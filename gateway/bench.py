@@ -30,13 +30,17 @@ JSON keys (`--json`):
   the difference of the p50s; `place_p50_ms`: a Place + its reply called on the scheduler
   directly (the gateway waits for one before it can open the worker stream), so
   `added_ttft_p50_ms - place_p50_ms` approximates the gateway's own share.
-- `rss_mb_at_2000_streams`: the coalesced gateway's RSS with `--open-streams` (2,000) open.
+- `rss_mb_at_2000_streams`: RSS of a coalescing gateway (a fleet of its own, whose real-time sim
+  worker models room for every stream) with `--open-streams` (2,000) streams sent, sampled
+  once each has had its first event; `streams_streaming_at_rss_sample` says how many were
+  streaming then (all of them, unless some were refused or ended).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import os
 import statistics
@@ -105,8 +109,37 @@ class Fleet:
     gateway_pid: int
 
 
+# The RSS figure needs every one of --open-streams streams admitted and streaming at once: its
+# own fleet, whose sim worker models a KV pool and a batch big enough for all of them (a memory
+# figure of the gateway, not a claim about one GPU's capacity) and runs RSS_TIME_SCALE times
+# slower than real time, so that 2,000 streams trickle tokens (a few thousand chunks a second in
+# all) instead of saturating two CPU cores, and stay open while RSS is sampled.
+RSS_MODE = "rss"
+RSS_TOKENS = 600
+RSS_PROMPT_TOKENS = 32  # PROMPT and the chat template, with room to spare
+RSS_TIME_SCALE = 20.0
+RSS_ADMIT_S = 120.0
+
+
+def _rss_worker_flags(open_streams: int) -> tuple[str, ...]:
+    blocks = open_streams * (RSS_PROMPT_TOKENS + RSS_TOKENS) * 5 // 4 // 16 + 1
+    batched_tokens = max(8192, open_streams * RSS_PROMPT_TOKENS)  # every prompt in one prefill step
+    return (
+        "--time-scale", str(RSS_TIME_SCALE), "--max-num-seqs", str(open_streams),
+        "--num-gpu-blocks", str(blocks), "--max-num-batched-tokens", str(batched_tokens),
+    )  # fmt: skip
+
+
+def _fleet_plan(args: argparse.Namespace) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """mode -> (gateway flags, worker flags) of each fleet the bench starts."""
+    fast = ("--time-scale", str(args.time_scale), "--max-num-seqs", "512")
+    plan = {mode: (gateway, (*fast, *worker)) for mode, (gateway, worker) in MODES.items()}
+    plan[RSS_MODE] = ((), _rss_worker_flags(args.open_streams))
+    return plan
+
+
 @contextlib.contextmanager
-def _fleets(time_scale: float) -> Iterator[dict[str, Fleet]]:
+def _fleets(plan: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> Iterator[dict[str, Fleet]]:
     os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
     from kvgate.containers import MosquittoServer, RedisServer
 
@@ -116,15 +149,14 @@ def _fleets(time_scale: float) -> Iterator[dict[str, Fleet]]:
         redis_server = RedisServer().start()
         servers.append(redis_server)
         fleets = {}
-        for db, (mode, (gateway_flags, worker_flags)) in enumerate(MODES.items()):
+        for db, (mode, (gateway_flags, worker_flags)) in enumerate(plan.items()):
             broker = MosquittoServer().start()
             servers.append(broker)
             redis_url = _redis_db(redis_server.url, db)
             sched, worker, gateway = (f"127.0.0.1:{free_port()}" for _ in range(3))
             worker_proc = _kvgate(
                 "worker", "--worker-id", f"bench-{mode}", "--region", "local", "--listen", worker,
-                "--mqtt-url", broker.url, "--time-scale", str(time_scale), "--max-num-seqs", "512",
-                *worker_flags,
+                "--mqtt-url", broker.url, *worker_flags,
             )  # fmt: skip
             gateway_proc = _kvgate(
                 "gateway", "--listen", gateway, "--scheduler", sched, "--redis-url", redis_url,
@@ -273,21 +305,47 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def _rss_with_open_streams(address: str, pid: int, count: int, progress: Any) -> float:
+async def _rss_with_open_streams(address: str, pid: int, count: int, progress: Any) -> tuple[float, int]:
+    """(peak RSS in MB over three samples, streams open and streaming then): sampled once every
+    stream has had its first event or been refused (or after RSS_ADMIT_S)."""
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = chat_pb2_grpc.ChatStub(channel)
-        calls = [stub.Send(_request(4000), timeout=300) for _ in range(count)]
-        opened = 0
+        calls = [stub.Send(_request(RSS_TOKENS), timeout=600) for _ in range(count)]
+        started = refused = finished = 0
+        refusals: collections.Counter[str] = collections.Counter()
+        all_settled = asyncio.Event()
 
-        async def first_event(call: Any) -> None:
-            nonlocal opened
-            with contextlib.suppress(grpc.aio.AioRpcError, StopAsyncIteration):
-                await call.read()
-                opened += 1
+        def settle(first_event: bool) -> None:
+            nonlocal started, refused
+            started += first_event
+            refused += not first_event
+            if started + refused == count:
+                all_settled.set()
 
-        readers = [asyncio.create_task(first_event(c)) for c in calls]
-        await asyncio.sleep(5)  # every call reaches the gateway; admitted ones start streaming
-        progress(f"{count} streams open ({opened} already streaming); sampling gateway RSS")
+        async def follow(call: Any) -> None:
+            nonlocal finished
+            first = True
+            try:
+                while (event := await call.read()) is not grpc.aio.EOF:
+                    if first:
+                        first = False
+                        settle(True)
+                    if event.WhichOneof("event") == "done":
+                        break
+            except grpc.aio.AioRpcError as exc:
+                if first:
+                    refusals[exc.code().name] += 1
+            if first:
+                settle(False)
+            finished += 1
+
+        readers = [asyncio.create_task(follow(c)) for c in calls]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_settled.wait(), RSS_ADMIT_S)
+        open_now = started - (finished - refused)
+        progress(
+            f"{count} streams sent: {open_now} streaming, {refused} refused {dict(refusals)}; sampling RSS"
+        )
         samples = []
         for _ in range(3):
             samples.append(_rss_mb(pid))
@@ -295,7 +353,7 @@ async def _rss_with_open_streams(address: str, pid: int, count: int, progress: A
         for call in calls:
             call.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
-        return max(samples)
+        return max(samples), open_now
 
 
 def _ms(seconds: float) -> float:
@@ -305,9 +363,10 @@ def _ms(seconds: float) -> float:
 async def run_bench(args: argparse.Namespace, fleets: dict[str, Fleet], progress: Any) -> dict[str, Any]:
     for fleet in fleets.values():
         await _wait_ready(fleet.gateway)
-    rounds: dict[str, list[Round]] = {mode: [] for mode in fleets}
+    rounds: dict[str, list[Round]] = {mode: [] for mode in MODES}
     for round_no in range(args.rounds):
-        for mode, fleet in fleets.items():
+        for mode in MODES:
+            fleet = fleets[mode]
             progress(
                 f"round {round_no + 1}/{args.rounds}: {mode}, {args.streams} streams x {args.tokens} tokens"
             )
@@ -320,8 +379,8 @@ async def run_bench(args: argparse.Namespace, fleets: dict[str, Fleet], progress
     ttft = await _ttfts(fleets["coalesced"], args.ttft_samples)
     gateway_p50, direct_p50 = statistics.median(ttft.gateway), statistics.median(ttft.direct)
     place_p50 = statistics.median(ttft.place)
-    rss = await _rss_with_open_streams(
-        fleets["coalesced"].gateway, fleets["coalesced"].gateway_pid, args.open_streams, progress
+    rss, streaming = await _rss_with_open_streams(
+        fleets[RSS_MODE].gateway, fleets[RSS_MODE].gateway_pid, args.open_streams, progress
     )
     result: dict[str, Any] = {
         "coalesced_tokens_per_s": round(median("coalesced", "tokens_per_s")),
@@ -330,13 +389,13 @@ async def run_bench(args: argparse.Namespace, fleets: dict[str, Fleet], progress
             median("coalesced", "tokens_per_s") / median("per_token", "tokens_per_s"), 2
         ),
     }
-    for mode in fleets:
+    for mode in MODES:
         result[f"{mode}_tokens_per_gateway_cpu_s"] = round(median(mode, "tokens_per_gateway_cpu_s"))
     result["relay_cpu_speedup"] = round(
         median("coalesced", "tokens_per_gateway_cpu_s") / median("per_token", "tokens_per_gateway_cpu_s"), 2
     )
     for field in ("tokens_per_message", "gateway_cpu_per_s", "worker_cpu_per_s", "client_cpu_per_s"):
-        for mode in fleets:
+        for mode in MODES:
             result[f"{field}_{mode}"] = round(median(mode, field), 2)
     result |= {
         "ttft_gateway_p50_ms": _ms(gateway_p50),
@@ -344,6 +403,7 @@ async def run_bench(args: argparse.Namespace, fleets: dict[str, Fleet], progress
         "added_ttft_p50_ms": _ms(gateway_p50 - direct_p50),
         "place_p50_ms": _ms(place_p50),
         "open_streams": args.open_streams,
+        "streams_streaming_at_rss_sample": streaming,
         f"rss_mb_at_{args.open_streams}_streams": round(rss, 1),
         "rss_mb_at_2000_streams": round(rss, 1) if args.open_streams == 2000 else None,
     }
@@ -351,7 +411,7 @@ async def run_bench(args: argparse.Namespace, fleets: dict[str, Fleet], progress
 
 
 def run(args: argparse.Namespace) -> int:
-    with _fleets(args.time_scale) as fleets:
+    with _fleets(_fleet_plan(args)) as fleets:
         result = asyncio.run(run_bench(args, fleets, progress))
     print_result(result, args.json)
     return 0

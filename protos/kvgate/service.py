@@ -39,6 +39,12 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     # connections); streams in flight get 10 more minutes to finish on the old one.
     ("grpc.max_connection_age_ms", 300_000),
     ("grpc.max_connection_age_grace_ms", 600_000),
+    # grpc-core queues calls that arrived before the Python server accepted them and, past
+    # 1,000 queued (3,000 hard), cancels new ones at random: a burst of 2,000 streams (clients
+    # of a failed gateway reconnecting at once) got ~8% bare CANCELLED, which no client retries.
+    # Our admission (rate limits, shedding with a retry hint) is the overload control instead.
+    ("grpc.server.max_pending_requests", 10_000),
+    ("grpc.server.max_pending_requests_hard_limit", 20_000),
 ]
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
