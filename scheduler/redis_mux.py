@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any, cast
 import hiredis
 from redis import exceptions as rx
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 
 Arg = str | bytes | int | float
 
@@ -172,7 +173,9 @@ class RedisMux:
         db: int = 0,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         reply_timeout_s: float = DEFAULT_REPLY_TIMEOUT_S,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self._ssl_context = ssl_context
         self._host = host
         self._port = port
         self._path = path
@@ -193,18 +196,22 @@ class RedisMux:
         reply_timeout_s = float(kwargs.get("socket_timeout") or DEFAULT_REPLY_TIMEOUT_S)
         username, password = kwargs.get("username"), kwargs.get("password")
         db = int(kwargs.get("db") or 0)
+        ssl_context = None
         if pool.connection_class is UnixDomainSocketConnection:
             host, port, path = "", 0, str(kwargs["path"])
-        elif pool.connection_class is Connection:
+        elif pool.connection_class in (Connection, SSLConnection):
             host, port, path = str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)), ""
+            if pool.connection_class is SSLConnection:
+                # rediss://: the same TLS settings (ssl_ca_certs, ssl_cert_reqs, ...) redis-py uses.
+                ssl_context = SSLConnection(**kwargs).ssl_context.get()
         else:
             raise ValueError(
-                f"the scheduler's placement connection supports redis:// and unix:// URLs, "
+                f"the scheduler's placement connection supports redis://, rediss:// and unix:// URLs, "
                 f"not {pool.connection_class.__name__}"
             )
         return cls(
             host, port, path=path, username=username, password=password, db=db,
-            connect_timeout_s=connect_timeout_s, reply_timeout_s=reply_timeout_s,
+            connect_timeout_s=connect_timeout_s, reply_timeout_s=reply_timeout_s, ssl_context=ssl_context,
         )  # fmt: skip
 
     async def execute(self, *args: Arg, retry: bool = False) -> Any:
@@ -269,7 +276,11 @@ class RedisMux:
                     _, protocol = await loop.create_unix_connection(lambda: _Protocol(self), self._path)
                 else:
                     _, protocol = await loop.create_connection(
-                        lambda: _Protocol(self), self._host, self._port
+                        lambda: _Protocol(self),
+                        self._host,
+                        self._port,
+                        ssl=self._ssl_context,
+                        server_hostname=self._host if self._ssl_context is not None else None,
                     )
         except (OSError, TimeoutError) as exc:
             raise rx.ConnectionError(f"Error connecting to Redis at {where}: {exc}") from exc

@@ -81,20 +81,34 @@ class RedisServer(_Server):
     port_inside = 6379
     what = "redis"
 
-    def __init__(self, password: str | None = None) -> None:
-        """`password`: require it (`requirepass`), as the compose fleet does."""
+    def __init__(self, password: str | None = None, tls_dir: Path | None = None) -> None:
+        """`password`: require it (`requirepass`), as the compose fleet does. `tls_dir`: serve
+        TLS only, with ca.crt, server.crt and server.key from it (deploy/make-tls-cert.sh)."""
         self.password = password
+        self.tls_dir = tls_dir
         auth = f" --requirepass {password}" if password else ""
+        listen = "--port 6379"
+        container = DockerContainer(redis_image())
+        if tls_dir is not None:
+            listen = (
+                "--port 0 --tls-port 6379 --tls-cert-file /tls/server.crt --tls-key-file /tls/server.key"
+                " --tls-ca-cert-file /tls/ca.crt --tls-auth-clients no"
+            )
+            container = container.with_volume_mapping(str(tls_dir), "/tls", "ro")
         super().__init__(
-            DockerContainer(redis_image()).with_command(
-                "redis-server --port 6379 --bind 0.0.0.0 --protected-mode no --appendonly yes --save ''"
-                + auth
+            container.with_command(
+                f"redis-server {listen} --bind 0.0.0.0 --protected-mode no --appendonly yes --save ''" + auth
             )
         )
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls_dir is not None:
+            # The test certificate names localhost, not the docker host's address: verify the
+            # chain, not the name.
+            query = f"?ssl_ca_certs={self.tls_dir / 'ca.crt'}&ssl_check_hostname=false"
+            return f"rediss://{auth}{self.host}:{self.port}/0{query}"
         return f"redis://{auth}{self.host}:{self.port}/0"
 
 

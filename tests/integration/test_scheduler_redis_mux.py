@@ -5,13 +5,19 @@ fails what was in flight and is replaced by the next command."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as redis
 from redis import exceptions as rx
 
+from kvgate.containers import RedisServer
 from scheduler.redis_mux import CLIENT_NAME, RedisMux, ScriptRef
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -145,3 +151,35 @@ async def test_an_unreachable_server_is_a_connection_error() -> None:
     mux = RedisMux("127.0.0.1", 1, connect_timeout_s=0.5)
     with pytest.raises(rx.ConnectionError):
         await mux.execute("PING")
+
+
+@pytest.fixture
+def tls_dir() -> Iterator[Path]:
+    # Not tmp_path: the container's redis user must traverse every parent directory.
+    with tempfile.TemporaryDirectory(prefix="kvgate-redis-tls-") as name:
+        path = Path(name)
+        path.chmod(0o755)
+        subprocess.run(
+            ["bash", str(REPO / "deploy" / "make-tls-cert.sh"), name], check=True, capture_output=True
+        )
+        yield path
+
+
+async def test_rediss_urls_get_a_tls_connection(tls_dir: Path) -> None:
+    server = RedisServer(password="s3cret", tls_dir=tls_dir).start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        mux = RedisMux.like(client)
+        try:
+            assert await mux.execute("SET", "over", "tls") == b"OK"
+            assert await client.get("over") == b"tls"  # redis-py over TLS sees what the mux wrote
+        finally:
+            await mux.aclose()
+            await client.aclose()
+        # Without the CA the server's certificate is refused.
+        untrusting = redis.Redis.from_url(server.url.split("?")[0])
+        with pytest.raises(rx.ConnectionError):
+            await RedisMux.like(untrusting).execute("PING")
+        await untrusting.aclose()
+    finally:
+        server.stop()
