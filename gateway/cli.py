@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 
@@ -14,7 +13,7 @@ from gateway.openai_http import split_listen
 from gateway.relay import DEFAULT_COALESCE_MS
 from gateway.server import GatewayService, GatewaySettings
 from gateway.validation import Limits
-from kvgate.service import run_until_signalled
+from kvgate.service import run_event_loop, run_until_signalled
 from kvgate.tls import TlsFiles
 
 
@@ -184,5 +183,5 @@ def run(args: argparse.Namespace) -> int:
         service = GatewayService(settings)
         await run_until_signalled("gateway", service.start, service.stop)
 
-    asyncio.run(main())
+    run_event_loop(main())
     return 0

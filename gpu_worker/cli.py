@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 
 from gpu_worker.engine import EngineError
 from gpu_worker.server import WorkerService, WorkerSettings
-from kvgate.service import run_until_signalled
+from kvgate.service import run_event_loop, run_until_signalled
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         await run_until_signalled(f"worker {settings.worker_id}", service.start, service.stop)
 
     try:
-        asyncio.run(main())
+        run_event_loop(main())
     except (EngineError, ValueError) as exc:
         print(f"kvgate worker: {exc}", file=sys.stderr)
         return 2

@@ -175,9 +175,10 @@ def _log_task_death(task: asyncio.Task[None]) -> None:
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run a service process's main coroutine: on uvloop when it is installed (the scheduler
-    spends about a sixth less CPU per placement on it, `kvgate bench placement`; grpc.aio,
-    redis-py and aiomqtt run on it unchanged), else on asyncio's own loop."""
+    """Run a service process's main coroutine (scheduler, gateway, worker): on uvloop when it is
+    installed (the scheduler spends about a sixth less CPU per placement on it, `kvgate bench
+    placement`; grpc.aio, redis-py, aiohttp and aiomqtt run on it unchanged), else on asyncio's
+    own loop. In-process tests run on asyncio's loop, the compose fleet and benches on uvloop."""
     try:
         import uvloop
     except ImportError:
