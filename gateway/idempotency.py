@@ -6,8 +6,8 @@ know whether the turn exists; it sends it again with the same key. Then:
 - it is still running (the first request has not noticed the lost client yet): ABORTED with
   a retry pushback, so the client tries again once it has finished or been cancelled;
 - otherwise the request claims the key and runs the turn; storing it records the key.
-The claim is a lock in Redis that its holder keeps alive while the turn runs, so a gateway that
-dies mid-turn frees the key within CLAIM_TTL_S.
+The claim is a lock in Redis that its holder renews every second while the turn runs, so a
+gateway that dies mid-turn frees the key within CLAIM_TTL_S (3 s).
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ from kvgate.v1 import chat_pb2
 
 log = logging.getLogger(__name__)
 
-CLAIM_TTL_S = 30.0
+# Short, so that a retry after its gateway died (the usual reason to retry) waits only seconds
+# for the dead gateway's claim to lapse; the running turn renews it every CLAIM_RENEW_S.
+CLAIM_TTL_S = 3.0
+CLAIM_RENEW_S = 1.0
 # A retry that finds the turn still running waits about this long before trying again.
-RUNNING_RETRY_MS = 1000
+RUNNING_RETRY_MS = 1500
 
 
 class RunningTurn:
@@ -42,7 +45,7 @@ class RunningTurn:
 
     async def _keep_alive(self) -> None:
         while True:
-            await asyncio.sleep(CLAIM_TTL_S / 3)
+            await asyncio.sleep(CLAIM_RENEW_S)
             try:
                 if not await self._sessions.keep_claim(self._session_id, self._key, self._token, CLAIM_TTL_S):
                     log.warning("lost the claim on idempotency key of session %s", self._session_id)

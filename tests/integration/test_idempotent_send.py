@@ -9,6 +9,9 @@ import time
 import grpc
 import pytest
 
+from gateway import idempotency
+from gateway.sessions import Claim, SessionStore
+from kvgate.redis_conn import connect_redis
 from kvgate.v1 import chat_pb2
 from tests.integration.fleet import Fleet
 
@@ -76,6 +79,12 @@ async def test_a_retry_while_the_first_attempt_runs_waits_for_it(fleet: Fleet) -
         assert "still running" in (info.value.details() or "")
         pushback = dict(info.value.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
         assert pushback is not None and int(pushback) > 0
+        # Past the claim's 3 s lifetime the first attempt still holds it: it renews the claim.
+        await asyncio.sleep(idempotency.CLAIM_TTL_S + 0.5)
+        assert not first.done()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.reply(session.session_id, "Tell me a story", max_tokens=200, idempotency_key="slow")
+        assert info.value.code() == grpc.StatusCode.ABORTED
 
         text, done, _ = await first
         retried = await _until_not_running(
@@ -104,6 +113,27 @@ async def test_a_cancelled_attempt_frees_its_key_for_a_real_retry(fleet: Fleet) 
         assert not done.replayed and placement.worker_id == "idem-c" and done.usage.completion_tokens == 8
         history = await client.get_session(session.session_id)
         assert [t.assistant for t in history.turns] == [text]
+
+
+async def test_a_claim_whose_gateway_died_lapses_within_seconds(fleet: Fleet) -> None:
+    await fleet.start({"idem-e": ("us-east", 2000)}, gateway_overrides=NO_RATE_LIMITS)
+    async with fleet.client() as client:
+        session = await client.create_session()
+        # A gateway claims the key and dies before storing the turn: nobody renews its claim.
+        store_client = connect_redis(fleet.redis_url)
+        try:
+            dead = await SessionStore(store_client, 3600).claim_turn(
+                session.session_id, "orphan", idempotency.CLAIM_TTL_S
+            )
+        finally:
+            await store_client.aclose()
+        assert dead.outcome is Claim.CLAIMED
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.reply(session.session_id, "hello", max_tokens=4, idempotency_key="orphan")
+        assert info.value.code() == grpc.StatusCode.ABORTED
+        await asyncio.sleep(idempotency.CLAIM_TTL_S + 0.2)
+        _, done, _ = await client.reply(session.session_id, "hello", max_tokens=4, idempotency_key="orphan")
+        assert not done.replayed and done.usage.completion_tokens == 4
 
 
 async def test_idempotency_key_is_checked(fleet: Fleet) -> None:
