@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 READY = telemetry_pb2.WORKER_LIFECYCLE_READY
 DRAINING = telemetry_pb2.WORKER_LIFECYCLE_DRAINING
 OFFLINE = telemetry_pb2.WORKER_LIFECYCLE_OFFLINE
+STATUS_REFRESH_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -160,9 +161,14 @@ class TelemetryPublisher:
         stats_topic = topics.topic(self._id.worker_id, topics.STATS)
         kv_topic = topics.topic(self._id.worker_id, topics.KV)
         published_state: telemetry_pb2.WorkerLifecycle.ValueType | None = None
+        published_at = 0.0
+        loop = asyncio.get_running_loop()
         while not self._stopping:
-            if published_state != self._state:
-                published_state = self._state
+            # Also re-sent every STATUS_REFRESH_S unchanged: a stale OFFLINE that reached the
+            # broker after our READY (the last-will of a previous connection, say) would
+            # otherwise keep this live worker out of the fleet until its state next changed.
+            if published_state != self._state or loop.time() - published_at >= STATUS_REFRESH_S:
+                published_state, published_at = self._state, loop.time()
                 await client.publish(status_topic, self._status_payload(published_state), qos=1, retain=True)
             await client.publish(stats_topic, self._stats_payload(), qos=0)
             kv = self._kv_payload()

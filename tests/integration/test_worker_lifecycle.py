@@ -10,8 +10,10 @@ import time
 
 import aiomqtt
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gpu_worker import telemetry
 from kvgate import topics
 from kvgate.containers import MosquittoServer
 from kvgate.mqtt_url import MqttUrl
@@ -119,3 +121,23 @@ async def test_cancelled_stream_frees_its_kv_blocks_at_once(fleet: Fleet) -> Non
             await asyncio.sleep(0.02)
         stats = worker.engine.stats()
         assert stats.num_blocks_used == 0 and stats.running == 0 and stats.waiting == 0
+
+
+async def test_a_stale_offline_after_ready_is_corrected_by_the_workers_status_refresh(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A last-will of a previous connection can reach the broker after the restarted worker's
+    # READY; the worker re-sends its status, so the scheduler takes it back.
+    monkeypatch.setattr(telemetry, "STATUS_REFRESH_S", 3.0)  # > the 1 s OFFLINE confirmation
+    await fleet.start({"stale-will-1": ("us-east", 2000)})
+    stale = telemetry_pb2.WorkerStatus(worker_id="stale-will-1", state=OFFLINE)
+    broker = MqttUrl.parse(fleet.mqtt_url)
+    async with aiomqtt.Client(hostname=broker.host, port=broker.port) as client:
+        await client.publish(
+            topics.topic("stale-will-1", topics.STATUS), stale.SerializeToString(), qos=1, retain=True
+        )
+    # Without the refresh the OFFLINE is applied after its 1 s confirmation and sticks; with it,
+    # the worker is back (or never left, if a refresh came within that second).
+    await asyncio.sleep(1.5)
+    await fleet.wait_for_workers({"stale-will-1": "ready"}, timeout_s=10)
+    assert await _wait_status(broker, "stale-will-1", READY, timeout_s=5) >= 0  # retained is READY again
