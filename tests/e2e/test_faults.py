@@ -88,8 +88,14 @@ def _fill_row(row: FaultRow, report: LoadReport, lost: int, note: str = "") -> N
 
 
 def _assert_clean(report: LoadReport) -> None:
-    errors = [(r.outcome, r.worker_id) for r in report.records if r.outcome and r.outcome != OK]
-    assert not errors, f"client-visible failures: {errors}"
+    errors = [
+        (r.outcome, r.worker_id, r.shed_reason, r.pushback_ms, round(r.issued_s, 1))
+        for r in report.records
+        if r.outcome and r.outcome != OK
+    ]
+    assert not errors, (
+        f"client-visible failures (outcome, worker, shed reason, pushback, issued at s): {errors}"
+    )
     mismatches = [r.index for r in report.ok if r.text_mismatch]
     assert not mismatches, f"repeated or missing text in requests {mismatches}"
 
