@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         await run_until_signalled(f"worker {settings.worker_id}", service.start, service.stop)
 
     try:
-        run_event_loop(main())
+        run_event_loop(main(), mqtt=True)
     except (EngineError, ValueError) as exc:
         print(f"kvgate worker: {exc}", file=sys.stderr)
         return 2
