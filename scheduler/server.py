@@ -11,10 +11,10 @@ import grpc
 
 from kvgate.mqtt_url import MqttUrl
 from kvgate.redis_conn import connect_redis
-from kvgate.service import CHANNEL_OPTIONS, BackgroundTasks, GrpcHost, start_metrics_server
+from kvgate.service import CHANNEL_OPTIONS, GrpcHost, start_metrics_server
 from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from scheduler.fleet_cache import FleetCache
-from scheduler.ingest import TelemetryIngest
+from scheduler.ingest_thread import IngestThread
 from scheduler.policy import make_policy
 from scheduler.servicer import SchedulerServicer
 from scheduler.store import FleetStore, StoreSettings
@@ -49,10 +49,13 @@ class SchedulerService:
         )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.host.server)
         replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.ingest = TelemetryIngest(
-            MqttUrl.parse(settings.mqtt_url), self.store, f"kvgate-scheduler-{replica}"
+        # Its own thread and asyncio loop: see ingest_thread.py for why not this (uvloop) loop.
+        self.ingest = IngestThread(
+            MqttUrl.parse(settings.mqtt_url),
+            settings.redis_url,
+            settings.store,
+            f"kvgate-scheduler-{replica}",
         )
-        self._tasks = BackgroundTasks()
 
     @property
     def address(self) -> str:
@@ -71,14 +74,14 @@ class SchedulerService:
             log.warning("could not tell worker %s to drain: %s", worker_id, exc.details())
 
     async def start(self) -> None:
-        self._tasks.spawn("telemetry-ingest", self.ingest.run())
+        self.ingest.start()
         await self.host.start()
         start_metrics_server(self.settings.metrics_port)
         log.info("scheduler serving on %s (listen %s)", self.address, self.settings.listen)
 
     async def stop(self) -> None:
         await self.host.stop(self.settings.grace_s)
-        await self._tasks.cancel_all()
+        await self.ingest.stop()
         self.fleet.close()
         await self.store.aclose()
         await self.redis.aclose()
