@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 from gpu_worker.engine import ChatMessage
 from gpu_worker.sim.block_pool import block_hashes
-from gpu_worker.sim.tokenizer import _PIECE_RE, piece_id, render_chat
+from gpu_worker.sim.tokenizer import piece_id, pieces, render_chat
 from kvgate.v1 import chat_pb2, common_pb2
 
 # Placement only needs a size estimate to reserve KV; the worker tokenizes exactly.
@@ -42,7 +42,7 @@ _piece_id = functools.lru_cache(maxsize=1 << 15)(piece_id)
 
 def sim_token_ids(text: str) -> list[int]:
     """SimTokenizer.encode(text), with piece ids cached."""
-    return [_piece_id(piece) for piece in _PIECE_RE.findall(text)]
+    return [_piece_id(piece) for piece in pieces(text)]
 
 
 def prompt_block_hashes(messages: Sequence[common_pb2.Message], block_size: int = KV_BLOCK_SIZE) -> list[int]:

@@ -38,6 +38,11 @@ _PERIOD_EVERY = 14
 _COMMA_EVERY = 23
 
 
+def pieces(text: str) -> list[str]:
+    """The pieces (word-like units) `text` tokenizes into, one token each."""
+    return _PIECE_RE.findall(text)
+
+
 def piece_id(piece: str) -> int:
     return int.from_bytes(hashlib.blake2b(piece.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
 
@@ -94,7 +99,7 @@ class SimTokenizer:
         return len(self._pieces)
 
     def encode(self, text: str) -> list[int]:
-        return [piece_id(p) for p in _PIECE_RE.findall(text)]
+        return [piece_id(p) for p in pieces(text)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of output-vocabulary ids; other ids (prompt pieces) render as U+FFFD."""
