@@ -45,7 +45,6 @@ import contextlib
 import os
 import statistics
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -56,7 +55,14 @@ from urllib.parse import urlsplit, urlunsplit
 import grpc
 
 from gateway import prompt
-from kvgate.bench_util import free_port, print_result, process_cpu_s, progress
+from kvgate.bench_util import (
+    free_port,
+    print_result,
+    process_cpu_s,
+    progress,
+    retry_rpc_until_ok,
+    spawn_kvgate,
+)
 from kvgate.service import CHANNEL_OPTIONS
 from kvgate.v1 import (
     chat_pb2,
@@ -87,12 +93,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--open-streams", type=int, default=2000, help="streams held open for the RSS figure")
     parser.add_argument("--time-scale", type=float, default=0.02, help="sim worker slow-down; <1 is faster")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _kvgate(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kvgate.cli", "--log-level", "ERROR", *args], stdout=subprocess.DEVNULL
-    )
 
 
 def _redis_db(url: str, db: int) -> str:
@@ -154,16 +154,18 @@ def _fleets(plan: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> Iterato
             servers.append(broker)
             redis_url = _redis_db(redis_server.url, db)
             sched, worker, gateway = (f"127.0.0.1:{free_port()}" for _ in range(3))
-            worker_proc = _kvgate(
+            worker_proc = spawn_kvgate(
                 "worker", "--worker-id", f"bench-{mode}", "--region", "local", "--listen", worker,
                 "--mqtt-url", broker.url, *worker_flags,
             )  # fmt: skip
-            gateway_proc = _kvgate(
+            gateway_proc = spawn_kvgate(
                 "gateway", "--listen", gateway, "--scheduler", sched, "--redis-url", redis_url,
                 "--auth", "off", "--rate-limit", "off", *gateway_flags,
             )  # fmt: skip
             procs += [
-                _kvgate("scheduler", "--listen", sched, "--redis-url", redis_url, "--mqtt-url", broker.url),
+                spawn_kvgate(
+                    "scheduler", "--listen", sched, "--redis-url", redis_url, "--mqtt-url", broker.url
+                ),
                 worker_proc,
                 gateway_proc,
             ]
@@ -203,17 +205,9 @@ async def _stream(stub: Any, request: chat_pb2.SendRequest) -> tuple[int, int, f
 
 async def _wait_ready(address: str) -> None:
     """Until a one-token turn goes through (scheduler sees the worker, gateway is up)."""
-    deadline = time.monotonic() + 60
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = chat_pb2_grpc.ChatStub(channel)
-        while True:
-            try:
-                await _stream(stub, _request(1))
-                return
-            except grpc.aio.AioRpcError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
+        await retry_rpc_until_ok(lambda: _stream(stub, _request(1)), timeout_s=60, pause_s=0.5)
 
 
 @dataclass

@@ -31,7 +31,14 @@ from typing import Any
 import grpc
 
 from gpu_worker.sim import EngineConfig, SimEngine
-from kvgate.bench_util import free_port, print_result, process_cpu_s, progress
+from kvgate.bench_util import (
+    free_port,
+    print_result,
+    process_cpu_s,
+    progress,
+    retry_rpc_until_ok,
+    spawn_kvgate,
+)
 from kvgate.service import CHANNEL_OPTIONS
 from kvgate.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -63,12 +70,6 @@ class LiveRound:
     worker_cpu_s: float
 
 
-def _kvgate(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kvgate.cli", "--log-level", "ERROR", *args], stdout=subprocess.DEVNULL
-    )
-
-
 @contextlib.contextmanager
 def _broker(mqtt_url: str) -> Iterator[str]:
     if mqtt_url:
@@ -87,7 +88,7 @@ def _broker(mqtt_url: str) -> Iterator[str]:
 @contextlib.contextmanager
 def _worker(mqtt_url: str, time_scale: float, streams: int) -> Iterator[tuple[str, int]]:
     address = f"127.0.0.1:{free_port()}"
-    proc = _kvgate(
+    proc = spawn_kvgate(
         "worker", "--worker-id", f"bench-live-{uuid.uuid4().hex[:8]}", "--region", "local",
         "--listen", address, "--mqtt-url", mqtt_url, "--gpu", GPU, "--model", MODEL,
         "--time-scale", str(time_scale), "--max-num-seqs", str(max(streams, 1)),
@@ -122,17 +123,9 @@ async def _generate(stub: Any, stream: int, words: int, tokens: int) -> tuple[in
 
 
 async def _wait_ready(address: str) -> None:
-    deadline = time.monotonic() + 60
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
-        while True:
-            try:
-                await _generate(stub, 999_999, 4, 1)
-                return
-            except grpc.aio.AioRpcError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.3)
+        await retry_rpc_until_ok(lambda: _generate(stub, 999_999, 4, 1), timeout_s=60, pause_s=0.3)
 
 
 async def _live_round(address: str, pid: int, streams: int, words: int, tokens: int) -> LiveRound:

@@ -26,8 +26,6 @@ import os
 import random
 import socket
 import statistics
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -38,7 +36,7 @@ from typing import Any
 import grpc
 import redis.asyncio as redis
 
-from kvgate.bench_util import free_port, print_result, process_cpu_s, progress
+from kvgate.bench_util import free_port, print_result, process_cpu_s, progress, spawn_kvgate
 from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc, telemetry_pb2
 from scheduler.redis_mux import RedisMux
 from scheduler.store import FleetStore, StoreSettings
@@ -99,13 +97,11 @@ def _schedulers(redis_url: str, count: int) -> Iterator[list[tuple[str, int, int
         for i in range(count):
             grpc_port, metrics_port = free_port(), free_port()
             procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "kvgate.cli", "--log-level", "ERROR", "scheduler",
-                     "--listen", f"127.0.0.1:{grpc_port}", "--redis-url", redis_url,
-                     # No broker: the bench registers workers in Redis directly.
-                     "--mqtt-url", "mqtt://127.0.0.1:1", "--metrics-port", str(metrics_port),
-                     "--replica-id", f"bench-{i}", "--dead-after", "3600", "--stale-after", "3600"],
-                    stdout=subprocess.DEVNULL,
+                spawn_kvgate(
+                    "scheduler", "--listen", f"127.0.0.1:{grpc_port}", "--redis-url", redis_url,
+                    # No broker: the bench registers workers in Redis directly.
+                    "--mqtt-url", "mqtt://127.0.0.1:1", "--metrics-port", str(metrics_port),
+                    "--replica-id", f"bench-{i}", "--dead-after", "3600", "--stale-after", "3600",
                 )
             )  # fmt: skip
             endpoints.append((f"127.0.0.1:{grpc_port}", metrics_port, procs[-1].pid))

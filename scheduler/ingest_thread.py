@@ -32,14 +32,12 @@ class IngestThread:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
-        self._started = threading.Event()
         self._stopping = False
 
     def start(self) -> None:
         self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), name="telemetry-ingest")
         self._thread.daemon = True  # never keeps a stopping process alive
         self._thread.start()
-        self._started.wait(5)
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -47,8 +45,8 @@ class IngestThread:
         store = FleetStore(redis, self._store_settings)
         ingest = TelemetryIngest(self._broker, store, self._client_id)
         self._task = asyncio.current_task()
-        self._started.set()
         try:
+            # A stop() that came before the task was set found nothing to cancel: it left this.
             if not self._stopping:
                 await ingest.run()
         except asyncio.CancelledError:

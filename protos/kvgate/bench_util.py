@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
+import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+
+import grpc
 
 
 def progress(message: str) -> None:
@@ -35,3 +40,25 @@ def process_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def spawn_kvgate(*args: str) -> subprocess.Popen[bytes]:
+    """A `kvgate ...` service process of this interpreter, quiet but for errors."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvgate.cli", "--log-level", "ERROR", *args], stdout=subprocess.DEVNULL
+    )
+
+
+async def retry_rpc_until_ok(
+    attempt: Callable[[], Awaitable[object]], timeout_s: float, pause_s: float
+) -> None:
+    """Call `attempt` until it completes without a gRPC error (a service that is starting up)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await attempt()
+            return
+        except grpc.aio.AioRpcError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(pause_s)
