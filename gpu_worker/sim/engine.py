@@ -22,10 +22,9 @@ from gpu_worker.engine import EngineError, EngineStats, KvEventBatch
 from gpu_worker.sim.block_pool import BlockPool, block_hashes
 from gpu_worker.sim.profiles import get_gpu, get_model
 from gpu_worker.sim.roofline import (
+    DecodePricer,
     StepCost,
     check_tp,
-    decode_run_cost,
-    decode_steps_within,
     kv_capacity_blocks,
     step_cost,
 )
@@ -287,6 +286,7 @@ class SimEngine:
                 self.gpu, self.model_profile, config.tp, config.gpu_memory_utilization, config.block_size
             )
         self.pool = BlockPool(self.num_blocks, config.enable_prefix_caching, self._seq_hashes)
+        self._pricer = DecodePricer(self.gpu, self.model_profile, config.tp)
         self.tokenizer = tokenizer or SimTokenizer()
         self._caching = config.enable_prefix_caching
         self._requests: dict[str, _Request] = {}
@@ -514,8 +514,13 @@ class SimEngine:
             # _apply leaves the decode state unknown when a chunk stops short of the prompt end.
         if any_finished:
             self._running = [r for r in running if r.blocks]
-        if not (admitted or finished) and self._min_left[0] == self._version - 1:
-            self._min_left = (self._version, self._min_left[1] - 1)
+        version, left = self._min_left
+        if not any_finished and version == self._version - 1:
+            # The batch only lost a token each and gained the admitted requests.
+            left -= 1
+            for r, _ in admitted:
+                left = min(left, r.max_new_tokens - r.num_output)
+            self._min_left = (self._version, left)
         num_outputs = batch + (len(tail) if tail else 0)
         self._record(cost.seconds, num_outputs, cost.arithmetic_intensity, 1)
         out = StepOutput(cost.seconds, None, cfg.max_num_batched_tokens - budget, cost.arithmetic_intensity)
@@ -747,9 +752,7 @@ class SimEngine:
         running = self._running
         if not running or seconds <= 0 or not self._decode_state():
             return 0
-        return decode_steps_within(
-            self.gpu, self.model_profile, self.config.tp, len(running), self._ctx_sum, seconds
-        )
+        return self._pricer.run(len(running), self._ctx_sum).steps_within(seconds)
 
     def jump(self, k: int, collect_tokens: bool = False) -> JumpOutput:
         """Advance k pure-decode steps at once; equivalent to k step() calls (same tokens,
@@ -764,7 +767,7 @@ class SimEngine:
         bs = self.block_size
         pool = self.pool
         ctx = self._ctx_sum
-        cost = decode_run_cost(self.gpu, self.model_profile, self.config.tp, batch, ctx, k)
+        cost = self._pricer.run(batch, ctx).cost(k)
         counts: list[int] = []
         count = counts.append
         finished: list[_Request] = []

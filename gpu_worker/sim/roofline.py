@@ -179,52 +179,163 @@ def _series(a: float, b: float, lo: int, hi: int) -> float:
     return n * a + b * n * (lo + hi - 1) / 2.0
 
 
-def _decode_run_params(
-    gpu: GpuProfile, model: ModelProfile, tp: int, batch: int, contexts_sum0: float
-) -> tuple[float, float, float, float, float, float, float, float, float]:
-    """(m0, mb, c0, cb, fixed, bytes0, bytes_slope, flops0, flops_slope) of a decode run: step j
-    takes fixed + max(m0 + mb*j, c0 + cb*j) seconds, moves bytes0 + bytes_slope*j bytes and
-    does flops0 + flops_slope*j FLOPs."""
-    kvb = kv_bytes_per_token(model)
-    mem_rate = gpu.eta_bw * gpu.hbm_bandwidth * tp
-    comp_rate = gpu.eta_compute * gpu.peak_flops * tp
-    attn = _attention_flops_per_pair(model)
-    bytes0 = weight_bytes_read(model, batch) + kvb * contexts_sum0
-    bytes_slope = kvb * batch
-    flops0 = 2.0 * model.active_params * batch + attn * contexts_sum0
-    flops_slope = attn * batch
-    fixed = gpu.step_overhead_s + _comm_seconds(gpu, model, tp, batch)
-    return (
-        bytes0 / mem_rate,
-        bytes_slope / mem_rate,
-        flops0 / comp_rate,
-        flops_slope / comp_rate,
-        fixed,
-        bytes0,
-        bytes_slope,
-        flops0,
-        flops_slope,
+class DecodePricer:
+    """Prices pure-decode runs of one (GPU, model, TP) setup. The engine asks for the same
+    batch twice per run (steps_within, then jump), so the run's parameters are built once per
+    (batch, context sum) and the batch-only terms once per batch size."""
+
+    __slots__ = ("_by_batch", "_last", "attn", "comp_rate", "gpu", "kvb", "mem_rate", "model", "tp")
+
+    def __init__(self, gpu: GpuProfile, model: ModelProfile, tp: int) -> None:
+        self.gpu = gpu
+        self.model = model
+        self.tp = tp
+        self.kvb = kv_bytes_per_token(model)
+        self.mem_rate = gpu.eta_bw * gpu.hbm_bandwidth * tp
+        self.comp_rate = gpu.eta_compute * gpu.peak_flops * tp
+        self.attn = _attention_flops_per_pair(model)
+        # batch -> (weight bytes read, 2 * active params * batch, fixed seconds per step)
+        self._by_batch: dict[int, tuple[float, float, float]] = {}
+        self._last: DecodeRun | None = None
+
+    def run(self, batch: int, contexts_sum0: float) -> DecodeRun:
+        last = self._last
+        if last is not None and last.batch == batch and last.contexts_sum0 == contexts_sum0:
+            return last
+        terms = self._by_batch.get(batch)
+        if terms is None:
+            gpu, model = self.gpu, self.model
+            terms = self._by_batch[batch] = (
+                weight_bytes_read(model, batch),
+                2.0 * model.active_params * batch,
+                gpu.step_overhead_s + _comm_seconds(gpu, model, self.tp, batch),
+            )
+        weights, linear_flops, fixed = terms
+        kvb, attn, mem_rate, comp_rate = self.kvb, self.attn, self.mem_rate, self.comp_rate
+        # The same float operations, in the same order, as step_cost for each step.
+        bytes0 = weights + kvb * contexts_sum0
+        bytes_slope = kvb * batch
+        flops0 = linear_flops + attn * contexts_sum0
+        flops_slope = attn * batch
+        run = self._last = DecodeRun(
+            batch,
+            contexts_sum0,
+            bytes0 / mem_rate,
+            bytes_slope / mem_rate,
+            flops0 / comp_rate,
+            flops_slope / comp_rate,
+            fixed,
+            bytes0,
+            bytes_slope,
+            flops0,
+            flops_slope,
+        )
+        return run
+
+
+class DecodeRun:
+    """A decode run of a fixed batch from a given attended-context sum: step j takes
+    fixed + max(m0 + mb*j, c0 + cb*j) seconds, moves bytes0 + bytes_slope*j bytes and does
+    flops0 + flops_slope*j FLOPs."""
+
+    __slots__ = (
+        "batch",
+        "bytes0",
+        "bytes_slope",
+        "c0",
+        "cb",
+        "contexts_sum0",
+        "fixed",
+        "flops0",
+        "flops_slope",
+        "m0",
+        "mb",
+        "split",
     )
 
+    def __init__(
+        self,
+        batch: int,
+        contexts_sum0: float,
+        m0: float,
+        mb: float,
+        c0: float,
+        cb: float,
+        fixed: float,
+        bytes0: float,
+        bytes_slope: float,
+        flops0: float,
+        flops_slope: float,
+    ) -> None:
+        self.batch = batch
+        self.contexts_sum0 = contexts_sum0
+        self.m0, self.mb, self.c0, self.cb, self.fixed = m0, mb, c0, cb, fixed
+        self.bytes0, self.bytes_slope, self.flops0, self.flops_slope = (
+            bytes0,
+            bytes_slope,
+            flops0,
+            flops_slope,
+        )
+        # Step index from which the line that is lower at j=0 takes over (None: never).
+        self.split: int | None = None
+        if mb != cb:
+            crossing = (c0 - m0) / (mb - cb)
+            if crossing > 0:
+                self.split = max(math.ceil(crossing), 0)
 
-def _decode_run_seconds(m0: float, mb: float, c0: float, cb: float, fixed: float, k: int) -> float:
-    """sum_{j<k} fixed + max(m0 + mb*j, c0 + cb*j), in closed form (see decode_run_cost)."""
-    # Step index from which the line that is lower at j=0 takes over (k if never).
-    if mb == cb:
-        split = k
-    else:
-        crossing = (c0 - m0) / (mb - cb)
-        split = min(max(math.ceil(crossing), 0), k) if crossing > 0 else k
+    def seconds(self, k: int) -> float:
+        """sum_{j<k} fixed + max(m0 + mb*j, c0 + cb*j), in closed form (see decode_run_cost)."""
+        split = self.split
+        if split is None or split > k:
+            split = k
+        m0, mb, c0, cb = self.m0, self.mb, self.c0, self.cb
+        total = k * self.fixed
+        # Each side of the split is one arithmetic series (see _series), on the higher line.
+        for lo, hi in ((0, split), (split, k)):
+            if hi <= lo:
+                total += 0.0
+                continue
+            mid = (lo + hi - 1) / 2.0
+            n = hi - lo
+            if m0 + mb * mid >= c0 + cb * mid:
+                total += n * m0 + mb * n * (lo + hi - 1) / 2.0
+            else:
+                total += n * c0 + cb * n * (lo + hi - 1) / 2.0
+        return total
 
-    def segment(lo: int, hi: int) -> float:
-        if hi <= lo:
-            return 0.0
-        mid = (lo + hi - 1) / 2.0
-        if m0 + mb * mid >= c0 + cb * mid:
-            return _series(m0, mb, lo, hi)
-        return _series(c0, cb, lo, hi)
+    def cost(self, k: int) -> StepCost:
+        if k <= 0 or self.batch <= 0:
+            return StepCost(0.0, 0.0, 0.0)
+        return StepCost(
+            self.seconds(k),
+            _series(self.flops0, self.flops_slope, 0, k),
+            _series(self.bytes0, self.bytes_slope, 0, k),
+        )
 
-    return k * fixed + segment(0, split) + segment(split, k)
+    def steps_within(self, seconds: float) -> int:
+        """See decode_steps_within."""
+        if self.batch <= 0 or seconds <= 0:
+            return 0
+        fixed = self.fixed
+        guess = min(
+            _series_count(fixed + self.m0, self.mb, seconds), _series_count(fixed + self.c0, self.cb, seconds)
+        )
+        run_seconds = self.seconds
+        # fits(n): n <= 0 or run_seconds(n) <= seconds, the very sum cost(n).seconds computes.
+        if guess <= 0 or run_seconds(guess) <= seconds:
+            lo = guess
+            hi = guess + 1
+            while run_seconds(hi) <= seconds:  # only float rounding lands here; gallop up
+                lo, hi = hi, hi + (hi - guess) + 1
+        else:
+            lo, hi = 0, guess
+        while hi - lo > 1:  # fits(lo), not fits(hi)
+            mid = (lo + hi) // 2
+            if mid <= 0 or run_seconds(mid) <= seconds:
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
 
 def decode_run_cost(
@@ -240,11 +351,7 @@ def decode_run_cost(
     """
     if k <= 0 or batch <= 0:
         return StepCost(0.0, 0.0, 0.0)
-    m0, mb, c0, cb, fixed, bytes0, bytes_slope, flops0, flops_slope = _decode_run_params(
-        gpu, model, tp, batch, contexts_sum0
-    )
-    seconds = _decode_run_seconds(m0, mb, c0, cb, fixed, k)
-    return StepCost(seconds, _series(flops0, flops_slope, 0, k), _series(bytes0, bytes_slope, 0, k))
+    return DecodePricer(gpu, model, tp).run(batch, contexts_sum0).cost(k)
 
 
 def _series_count(first: float, slope: float, budget: float) -> int:
@@ -269,24 +376,4 @@ def decode_steps_within(
     """
     if batch <= 0 or seconds <= 0:
         return 0
-    m0, mb, c0, cb, fixed = _decode_run_params(gpu, model, tp, batch, contexts_sum0)[:5]
-    guess = min(_series_count(fixed + m0, mb, seconds), _series_count(fixed + c0, cb, seconds))
-
-    def fits(n: int) -> bool:
-        # The very sum decode_run_cost(..., n).seconds computes.
-        return n <= 0 or _decode_run_seconds(m0, mb, c0, cb, fixed, n) <= seconds
-
-    if fits(guess):
-        lo = guess
-        hi = guess + 1
-        while fits(hi):  # only float rounding lands here; gallop up
-            lo, hi = hi, hi + (hi - guess) + 1
-    else:
-        lo, hi = 0, guess
-    while hi - lo > 1:  # fits(lo), not fits(hi)
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return DecodePricer(gpu, model, tp).run(batch, contexts_sum0).steps_within(seconds)
