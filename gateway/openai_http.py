@@ -13,8 +13,9 @@ Affinity: an OpenAI client resends the conversation each turn and has no session
 sets `SendRequest.affinity_key` from the `x-session-id` header or, without it, from the
 conversation's fixed prefix (system prompt + first user message), so follow-up turns are
 pinned to the worker that holds their KV cache. Responses carry `x-kvgate-worker`,
-`x-kvgate-region` and `x-kvgate-cache-hit`; a stream's headers wait for the placement so that
-a shed or a rejected request is still a proper 4xx/5xx instead of an error mid-stream.
+`x-kvgate-region` and `x-kvgate-cache-hit`; a stream's headers wait for the first token (the
+placement comes before it, and again after a failover) so that a shed or a request the worker
+rejects is still a proper 4xx/5xx instead of an error mid-stream.
 
 On stop the listener closes at once and open responses get the gateway's grace to finish.
 """
@@ -158,13 +159,16 @@ class OpenAIFacade:
         )
         try:
             events = _events(call)
+            placement: chat_pb2.Placement | None = None
             try:
                 first = await anext(events, None)
+                while first is not None and first.HasField("placement"):
+                    placement = first.placement
+                    first = await anext(events, None)
             except grpc.aio.AioRpcError as exc:
                 return error_response(openai_errors.from_rpc_error(exc, params))
-            placement = first.placement if first is not None and first.HasField("placement") else None
             headers = _placement_headers(placement)
-            pending = [] if first is None or placement is not None else [first]
+            pending = [] if first is None else [first]
             turn = _Turn(openai_wire.completion_id(), openai_wire.now_s(), chat.model)
             if chat.stream:
                 return await turn.stream(

@@ -131,7 +131,6 @@ class TurnRunner:
 
     async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]:
         excluded: list[str] = []
-        placement_sent = False
         block_hashes = prompt.prompt_block_hashes(job.messages)
         for _attempt in range(self._max_attempts):
             request_id = uuid.uuid4().hex
@@ -149,20 +148,21 @@ class TurnRunner:
                 timeout=_remaining(job.deadline),
             )
             try:
+                # Announced while the worker starts on the prompt rather than with its first
+                # token, so writing it costs the time to first token nothing; a turn that fails
+                # over announces its new worker the same way.
+                yield chat_pb2.SendEvent(
+                    placement=chat_pb2.Placement(
+                        worker_id=placed.worker_id,
+                        region=placed.region,
+                        cache_hit=placed.outcome == scheduler_pb2.PLACE_OUTCOME_PINNED_HIT,
+                        engine=placed.engine,
+                    )
+                )
                 async with contextlib.aclosing(
                     coalesced(call, self._coalesce_s, self._coalesce_chars)
                 ) as batches:
                     async for batch in batches:
-                        if not placement_sent:
-                            placement_sent = True
-                            yield chat_pb2.SendEvent(
-                                placement=chat_pb2.Placement(
-                                    worker_id=placed.worker_id,
-                                    region=placed.region,
-                                    cache_hit=placed.outcome == scheduler_pb2.PLACE_OUTCOME_PINNED_HIT,
-                                    engine=placed.engine,
-                                )
-                            )
                         if not progress.prompt_tokens:
                             progress.prompt_tokens = batch[0].prompt_tokens
                             progress.cached_tokens = batch[0].cached_tokens

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         await run_until_signalled(f"worker {settings.worker_id}", service.start, service.stop)
 
     try:
-        run_event_loop(main(), mqtt=True)
+        run_event_loop(main())  # MQTT runs on its own thread and loop (telemetry.py)
     except (EngineError, ValueError) as exc:
         print(f"kvgate worker: {exc}", file=sys.stderr)
         return 2

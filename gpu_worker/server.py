@@ -135,7 +135,7 @@ class WorkerService:
             interval_s=self.settings.stats_interval_s,
             keepalive_s=self.settings.mqtt_keepalive_s,
         )
-        self._tasks.spawn("telemetry", self.telemetry.run())
+        self.telemetry.start()
         log.info(
             "worker %s (%s, %s on %s, %d KV blocks of %d tokens) serving on %s",
             self.settings.worker_id,
@@ -153,8 +153,8 @@ class WorkerService:
         if not await self.servicer.wait_idle(self.settings.drain_grace_s):
             log.warning("drain grace expired with %d requests in flight", self.servicer.in_flight)
         if self.telemetry is not None:
-            # Lets the publisher say OFFLINE itself before the connection closes.
-            self.telemetry.stop()
+            # The publisher says OFFLINE itself before the connection closes.
+            await self.telemetry.stop()
         await self._tasks.join(timeout_s=5.0)
         await self.host.stop(grace_s=1.0)
         await self.engine.close()

@@ -3,11 +3,16 @@
 The broker publishes the retained OFFLINE last-will when the worker's connection
 dies without a clean disconnect (crash, SIGKILL, network cut), so the scheduler
 sees a dead worker within the MQTT keepalive instead of waiting for stale stats.
+
+The MQTT client runs on a thread of its own with asyncio's loop (kvgate/loop_thread.py says
+why not the worker's uvloop); the engine stays on the main loop, single-threaded: each tick
+asks the main loop for the payloads, so a stuck engine shows as stale stats.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -18,6 +23,7 @@ import aiomqtt
 from gpu_worker import metrics
 from gpu_worker.engine import Engine
 from kvgate import topics
+from kvgate.loop_thread import LoopThread
 from kvgate.mqtt_url import Backoff, MqttUrl
 from kvgate.v1 import telemetry_pb2
 
@@ -56,15 +62,25 @@ class TelemetryPublisher:
         self._interval_s = interval_s
         self._keepalive_s = keepalive_s
         self._state: telemetry_pb2.WorkerLifecycle.ValueType = READY
-        self._state_changed = asyncio.Event()
         self._stopping = False
-        self._stopped = asyncio.Event()
         self._seq = 0
-        self.connected = asyncio.Event()
+        self._main_loop: asyncio.AbstractEventLoop | None = None
+        self._thread = LoopThread(f"telemetry-{identity.worker_id}", self._run)
+        # Set on the telemetry thread's loop: a state change or stop() to publish now.
+        self._wake: asyncio.Event | None = None
+
+    def start(self) -> None:
+        """Start publishing from a thread of its own; call on the main (engine's) loop."""
+        self._main_loop = asyncio.get_running_loop()
+        self._thread.start()
 
     def set_state(self, state: telemetry_pb2.WorkerLifecycle.ValueType) -> None:
         self._state = state
-        self._state_changed.set()
+        self._thread.call_soon(self._wake_up)
+
+    def _wake_up(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
 
     def _status_payload(self, state: telemetry_pb2.WorkerLifecycle.ValueType) -> bytes:
         i = self._id
@@ -124,8 +140,28 @@ class TelemetryPublisher:
             block_size=self._engine.block_size,
         ).SerializeToString()
 
-    async def run(self) -> None:
+    def _collect(self) -> concurrent.futures.Future[tuple[bytes, bytes | None]]:
+        """The stats and KV-event payloads, read on the main loop (the engine is not thread-safe)."""
+        future: concurrent.futures.Future[tuple[bytes, bytes | None]] = concurrent.futures.Future()
+
+        def collect() -> None:
+            try:
+                future.set_result((self._stats_payload(), self._kv_payload()))
+            except Exception as exc:
+                future.set_exception(exc)
+
+        assert self._main_loop is not None, "start() first"
+        try:
+            self._main_loop.call_soon_threadsafe(collect)
+        except RuntimeError:
+            # The main loop is closed: the process is going away without stop(); the broker's
+            # last-will says OFFLINE once the connection drops.
+            raise asyncio.CancelledError from None
+        return future
+
+    async def _run(self) -> None:
         """Publish until stop(); reconnect with capped exponential backoff when the broker is away."""
+        self._wake = asyncio.Event()
         status_topic = topics.topic(self._id.worker_id, topics.STATUS)
         # Capped at 5 s, well inside the scheduler's --dead-after (10 s) grace after a broker
         # outage: every worker is back before its silence would count against it.
@@ -139,13 +175,11 @@ class TelemetryPublisher:
                 ) as client:
                     backoff.reset()
                     log.info("telemetry connected to %s", self._broker.redacted())
-                    self.connected.set()
                     await self._publish_loop(client, status_topic)
                     # Clean stop: say OFFLINE ourselves (a clean disconnect does not fire the will).
                     await client.publish(status_topic, self._status_payload(OFFLINE), qos=1, retain=True)
                     break
             except aiomqtt.MqttError as exc:
-                self.connected.clear()
                 delay = backoff.next()
                 log.warning(
                     "telemetry: broker %s unavailable (%s); retry in %.1fs",
@@ -153,9 +187,14 @@ class TelemetryPublisher:
                     exc,
                     delay,
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopped.wait(), delay)
-        self.connected.clear()
+                await self._sleep(delay)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Until seconds pass, or sooner on a state change or stop()."""
+        assert self._wake is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
 
     async def _publish_loop(self, client: aiomqtt.Client, status_topic: str) -> None:
         stats_topic = topics.topic(self._id.worker_id, topics.STATS)
@@ -167,18 +206,25 @@ class TelemetryPublisher:
             # Also re-sent every STATUS_REFRESH_S unchanged: a stale OFFLINE that reached the
             # broker after our READY (the last-will of a previous connection, say) would
             # otherwise keep this live worker out of the fleet until its state next changed.
-            if published_state != self._state or loop.time() - published_at >= STATUS_REFRESH_S:
-                published_state, published_at = self._state, loop.time()
-                await client.publish(status_topic, self._status_payload(published_state), qos=1, retain=True)
-            await client.publish(stats_topic, self._stats_payload(), qos=0)
-            kv = self._kv_payload()
+            state = self._state
+            if published_state != state or loop.time() - published_at >= STATUS_REFRESH_S:
+                published_state, published_at = state, loop.time()
+                await client.publish(status_topic, self._status_payload(state), qos=1, retain=True)
+            stats, kv = await asyncio.wrap_future(self._collect())
+            await client.publish(stats_topic, stats, qos=0)
             if kv is not None:
                 await client.publish(kv_topic, kv, qos=1)
-            self._state_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._state_changed.wait(), self._interval_s)
+            await self._sleep(self._interval_s)
 
-    def stop(self) -> None:
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Publish OFFLINE and disconnect (waiting up to timeout_s), else cut the connection."""
         self._stopping = True
-        self._stopped.set()
-        self._state_changed.set()
+        self._thread.call_soon(self._wake_up)
+        await self._thread.join(timeout_s)
+        await self._thread.stop(timeout_s=1.0)
+
+    async def fall_silent(self) -> None:
+        """Stop publishing at once without saying OFFLINE: to the scheduler this looks like a
+        network partition (stats stop, the retained status stays), so age alone must tell."""
+        self._stopping = True
+        await self._thread.stop(timeout_s=5.0)

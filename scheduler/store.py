@@ -78,6 +78,12 @@ class StoreSettings:
     prefix_index_ttl_s: float = 600.0
 
 
+# The first lookup round asks which of up to this many workers hold the prompt's first block
+# (a reply of one integer each); a larger fleet serving the model skips that and pays the
+# second round when there are hits.
+MAX_PROBED_WORKERS = 256
+
+
 class FleetStore:
     def __init__(self, client: redis.Redis, settings: StoreSettings) -> None:
         self._redis = client
@@ -190,16 +196,26 @@ class FleetStore:
         count changes. Hashes are chained and engines evict a cached sequence from its tail, so
         whoever holds block k holds blocks 1..k-1: the holders of the last block of each run of
         equal counts stand for the whole run, and a popular system prompt's 500 holders are read
-        once, not once per block."""
+        once, not once per block.
+
+        The first round also asks which of the workers hold the first block. When the counts form
+        a single run (a new conversation whose system prompt is cached, a short or repeated
+        prompt: the common case) those are the holders of the whole run, so one round trip
+        answers; a conversation that outgrew its shared prefix needs the second."""
+        wanted = set(worker_ids)
+        asked = list(wanted)
         first: list[tuple[str, ...]] = [
             ("GET", keys.session_pin(session_id)) if session_id else ("ECHO", "")  # fixed positions
         ]
         first.extend(("SCARD", keys.block_workers(block_hash)) for block_hash in block_hashes)
+        probe = bool(block_hashes) and 0 < len(asked) <= MAX_PROBED_WORKERS
+        if probe:
+            first.append(("SMISMEMBER", keys.block_workers(block_hashes[0]), *asked))
         replies = await self._mux.execute_many(first, retry=True)
         _raise_first_error(replies)
         raw_pin = replies[0]
         pin = as_str(raw_pin) if raw_pin else None
-        counts = [int(c) for c in replies[1:]]
+        counts = [int(c) for c in replies[1 : 1 + len(block_hashes)]]
         # Positions (1-based) that end a run of equal, non-zero holder counts, up to the first 0.
         ends: list[int] = []
         for position, count in enumerate(counts, start=1):
@@ -210,9 +226,12 @@ class FleetStore:
         hits: dict[str, int] = {}
         if not ends or not worker_ids:
             return pin, hits
+        if probe and len(ends) == 1:
+            for wid, present in zip(asked, replies[-1], strict=True):
+                if present:
+                    hits[wid] = ends[0]
+            return pin, hits
         # Per run end, whichever reply is smaller: its holders, or a yes/no per wanted worker.
-        wanted = set(worker_ids)
-        asked = list(wanted)
         second: list[tuple[str, ...]] = []
         for position in ends:
             key = keys.block_workers(block_hashes[position - 1])

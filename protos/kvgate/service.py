@@ -174,18 +174,12 @@ def _log_task_death(task: asyncio.Task[None]) -> None:
         log.error("background task %s died: %r", task.get_name(), exc, exc_info=exc)
 
 
-def run_event_loop(main: Coroutine[Any, Any, None], *, mqtt: bool = False) -> None:
-    """Run a service process's main coroutine: on uvloop when it is installed and the process
-    does not speak MQTT, else on asyncio's own loop. uvloop saves CPU per RPC (the scheduler
-    spent about a sixth less per placement, `kvgate bench placement`; grpc.aio, redis-py and
-    aiohttp run on it unchanged), but aiomqtt (paho's socket callbacks) misbehaves on it when
-    the broker goes away: uvloop raises in paho's add_writer on the closed socket and the
-    disconnect is noticed only at the keepalive, 10 s later (the e2e broker-outage test shed
-    turns because the scheduler's telemetry clock kept ticking meanwhile). So the scheduler and
-    the workers, which speak MQTT, run on asyncio's loop; the gateway runs on uvloop."""
-    if mqtt:
-        asyncio.run(main)
-        return
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run a service process's main coroutine on uvloop when it is installed, else on asyncio.
+    uvloop saves CPU per RPC and per streamed chunk (the scheduler spent about a sixth less per
+    placement, `kvgate bench placement`; a sim worker's first token came ~1.5 ms sooner, `kvgate
+    bench relay`); grpc.aio, redis-py and aiohttp run on it unchanged. MQTT does not: each
+    process's MQTT client has a thread and asyncio loop of its own (kvgate/loop_thread.py)."""
     try:
         import uvloop
     except ImportError:

@@ -71,7 +71,8 @@ async def test_worker_whose_telemetry_stops_turns_stale_then_gets_no_placements(
     )
     big = fleet.workers["silent"]
     # Telemetry stops without an OFFLINE status (a partition, not a crash): age decides.
-    await big._tasks.cancel_all()
+    assert big.telemetry is not None
+    await big.telemetry.fall_silent()
     await fleet.wait_for_workers({"silent": "stale"}, timeout_s=5)
     await fleet.wait_for_workers({"silent": "offline"}, timeout_s=5)
     async with fleet.client() as client:

@@ -159,6 +159,27 @@ async def test_keys_validation_and_quarantine(fleet: Fleet) -> None:
             await oai.chat.completions.create(model=MODEL, messages=hello, max_tokens=4)
 
 
+async def test_a_prompt_the_worker_rejects_is_a_400_even_when_streaming(fleet: Fleet) -> None:
+    # The gateway cannot count a prompt's tokens exactly; the worker can, after the turn is placed
+    # (and the placement event sent). The stream's headers wait for the first token, so this is
+    # still a proper 400 naming both numbers, not an error in the middle of a 200 stream.
+    await fleet.start({"us-1": ("us-east", 4000)}, http=True)
+    long_turn = "word " * 6000
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": long_turn},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": long_turn},
+    ]
+    async with client(fleet) as oai:
+        for stream in (True, False):
+            with pytest.raises(openai.BadRequestError) as rejected:
+                await oai.chat.completions.create(
+                    model=MODEL, messages=messages, max_tokens=16, stream=stream
+                )
+            assert rejected.value.status_code == 400
+            assert re.search(r"= \d+ exceeds max_model_len 8192", str(rejected.value)), rejected.value
+
+
 async def test_a_full_fleet_is_a_rate_limit_error_with_retry_after(fleet: Fleet) -> None:
     # 8 blocks of 16 tokens: no worker can hold a 500-token turn, so the scheduler sheds it.
     await fleet.start({"us-1": ("us-east", 8)}, http=True)

@@ -344,7 +344,9 @@ Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
 
 @_typing.final
 class Placement(_message.Message):
-    """Where the turn runs."""
+    """Where the turn runs. Sent as soon as the turn is placed, before its first token; a turn that
+    fails over to another worker sends a new one (the last names the worker that finished it).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -1,0 +1,75 @@
+"""A coroutine on a thread of its own, with asyncio's own event loop: where MQTT runs.
+
+Service processes run on uvloop (less CPU per RPC and per streamed chunk), but aiomqtt (paho's
+socket callbacks) misbehaves on uvloop when the broker goes away: uvloop raises in paho's
+add_writer on the closed socket and the disconnect is noticed only at the keepalive, 10 s later
+(the e2e broker-outage test shed turns because the scheduler's telemetry clock kept ticking
+meanwhile). So each process's MQTT client lives here instead, on asyncio's selector loop, and
+talks to the main loop only through thread-safe calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class LoopThread:
+    """Runs `main()` on a daemon thread's asyncio loop until it returns or stop() cancels it."""
+
+    def __init__(self, name: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._name = name
+        self._main = main
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self._name)
+        self._thread.daemon = True  # never keeps a stopping process alive
+        self._thread.start()
+
+    def _run(self) -> None:
+        with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+            runner.run(self._guarded())
+
+    async def _guarded(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        try:
+            # A stop() that came before the task was set found nothing to cancel: it left this.
+            if not self._stopping:
+                await self._main()
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("%s died", self._name)
+
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        """Run callback on this thread's loop (from any thread); dropped once the loop is gone."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already closed
+                loop.call_soon_threadsafe(callback)
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancel main() (it may clean up in `finally`) and wait for the thread, up to timeout_s."""
+        self._stopping = True
+        task = self._task
+        if task is not None:
+            self.call_soon(task.cancel)
+        await self.join(timeout_s)
+
+    async def join(self, timeout_s: float) -> None:
+        """Wait for main() to return on its own, up to timeout_s."""
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, timeout_s)
+            if self._thread.is_alive():
+                log.warning("%s did not stop within %.0fs", self._name, timeout_s)
