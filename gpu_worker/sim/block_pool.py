@@ -23,8 +23,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from itertools import islice, repeat
-from operator import itemgetter
+from itertools import compress, islice, repeat
 from typing import Any
 
 from gpu_worker.engine import KvEventBatch
@@ -120,18 +119,16 @@ class _Run:
 _UNTRACKED = _Run(None, None, 0, [])
 
 
-def _gather(values: dict[int, Any], keys: Sequence[int]) -> tuple[Any, ...]:
-    """(values[k] for k in keys) as a tuple, in one C call."""
-    if len(keys) == 1:
-        return (values[keys[0]],)
-    return itemgetter(*keys)(values)  # type: ignore[no-any-return]
+def _counts(runs: tuple[_Run, ...]) -> list[tuple[_Run, int]]:
+    """(run, occurrences) for each distinct run, in order of first occurrence."""
+    return [(run, runs.count(run)) for run in dict.fromkeys(runs)]
 
 
 class BlockPool:
     """Block states: never used (id >= `_fresh`), queued (in `_queued`: ref count 0) or in use
     (ref count 1 + `_extra_refs`, which only cache hits on running blocks create). A block is
-    cached when it is in `_cached_ids`; `_run` then holds its registration (stale values
-    otherwise) and `_hash` its hash once computed. Sets and dicts rather than per-block lists
+    cached when `_run` holds its registration (one dict for both, so an eviction is one pop
+    per block) and `_hash` holds its hash once computed. Sets and dicts rather than per-block lists
     let a request's blocks change state in a few C calls (set.update, dict.update).
     """
 
@@ -155,8 +152,7 @@ class BlockPool:
         self._num_tombs = 0
         self._queued: set[int] = set()
         self._extra_refs: dict[int, int] = {}
-        self._cached_ids: set[int] = set()
-        self._run: dict[int, _Run] = {}
+        self._run: dict[int, _Run] = {}  # cached block -> its registration
         self._hash: dict[int, int] = {}  # of the cached blocks whose hash is computed
         self._cached: dict[int, int] = {}  # computed block hash -> block id
         self._num_cached_free = 0
@@ -189,7 +185,7 @@ class BlockPool:
     @property
     def num_cached(self) -> int:
         """All cached blocks, referenced or not."""
-        return len(self._cached_ids)
+        return len(self._run)
 
     def ref_count(self, block_id: int) -> int:
         if block_id >= self._fresh or block_id in self._queued:
@@ -197,10 +193,11 @@ class BlockPool:
         return 1 + self._extra_refs.get(block_id, 0)
 
     def block_hash(self, block_id: int) -> int | None:
-        if block_id not in self._cached_ids:
+        run = self._run.get(block_id)
+        if run is None:
             return None
         if block_id not in self._hash:
-            grp = self._run[block_id].grp
+            grp = run.grp
             assert grp is not None
             self._materialize(grp)
         return self._hash[block_id]
@@ -257,7 +254,7 @@ class BlockPool:
                 queued.remove(b)
                 self._tombs[b] = self._tombs.get(b, 0) + 1
                 self._num_tombs += 1
-                if b in self._cached_ids:
+                if b in self._run:
                     self._num_cached_free -= 1
             else:
                 extra[b] = extra.get(b, 0) + 1
@@ -273,9 +270,8 @@ class BlockPool:
             self._materialize_all()
         if block_hash in self._cached:
             return False
-        if block_id in self._cached_ids:
+        if block_id in self._run:
             raise BlockPoolError(f"block {block_id} already cached")
-        self._cached_ids.add(block_id)
         self._hash[block_id] = block_hash
         self._run[block_id] = _UNTRACKED
         self._cached[block_hash] = block_id
@@ -302,29 +298,27 @@ class BlockPool:
         elif grp.owner is not None and grp.owner is not seq:
             self._materialize(grp)
         ids = blocks[start:stop]
-        cached_ids = self._cached_ids
+        block_run = self._run
         if grp.owner is seq:
-            n_cached = len(cached_ids)
-            cached_ids.update(ids)
-            if len(cached_ids) != n_cached + len(ids):
-                raise BlockPoolError("block already cached")
+            n_cached = len(block_run)
             run = _Run(grp, seq, start, ids)
-            self._run.update(zip(ids, repeat(run)))
+            block_run.update(zip(ids, repeat(run)))
+            if len(block_run) != n_cached + len(ids):
+                raise BlockPoolError("block already cached")
             grp.runs.append(run)
             grp.count += len(ids)
             self._stored.append((seq, start, stop))
             return
-        cached, stored, hashes, runs = self._cached, self._stored, self._hash, self._run
+        cached, stored, hashes = self._cached, self._stored, self._hash
         tracked = grp.tracked
         n = 0
         for b, h in zip(ids, hasher(seq, stop)[start:stop], strict=True):
             if h in cached:
                 continue
-            if b in cached_ids:
+            if b in block_run:
                 raise BlockPoolError(f"block {b} already cached")
-            cached_ids.add(b)
             hashes[b] = h
-            runs[b] = tracked
+            block_run[b] = tracked
             cached[h] = b
             stored.append(h)
             n += 1
@@ -341,13 +335,8 @@ class BlockPool:
         """Compute the hashes of a lazy group's blocks; it is then cached like any other."""
         owner, runs = grp.owner, grp.runs
         grp.owner, grp.runs = None, []
-        block_run, cached_ids = self._run, self._cached_ids
-        live = [
-            (b, run.start + i)
-            for run in runs
-            for i, b in enumerate(run.ids)
-            if b in cached_ids and block_run[b] is run
-        ]
+        block_run = self._run
+        live = [(b, run.start + i) for run in runs for i, b in enumerate(run.ids) if block_run.get(b) is run]
         if not live:
             return
         hs = self._require_hasher()(owner, max(j for _, j in live) + 1)
@@ -416,8 +405,13 @@ class BlockPool:
         else:
             out = []
         taken = self._pop(n)
-        if not self._cached_ids.isdisjoint(taken):
-            self._evict(taken)
+        block_run = self._run
+        if block_run:
+            # One pass drops the taken blocks' registrations; None marks an uncached block.
+            runs = tuple(map(block_run.pop, taken, repeat(None)))
+            live = tuple(filter(None, runs))
+            if live:
+                self._evict(taken if len(live) == len(runs) else list(compress(taken, runs)), live)
         out += taken
         return out
 
@@ -425,14 +419,10 @@ class BlockPool:
         """allocate(1)[0] without the list."""
         return self.allocate(1)[0]
 
-    def _evict(self, block_ids: list[int]) -> None:
-        """Drop the cached hashes of blocks just taken from the free queue, in order."""
-        cached_ids = self._cached_ids
-        if not cached_ids.issuperset(block_ids):
-            block_ids = list(filter(cached_ids.__contains__, block_ids))
-        cached_ids.difference_update(block_ids)
+    def _evict(self, block_ids: list[int], runs: tuple[_Run, ...]) -> None:
+        """Drop the cached hashes of blocks just taken from the free queue (in order), whose
+        registrations `runs` were just removed from `_run`."""
         self._num_cached_free -= len(block_ids)
-        runs = _gather(self._run, block_ids)
         hashes = self._hash
         if not hashes or hashes.keys().isdisjoint(block_ids):
             # All lazy (the common case when nobody shares a prefix): hashed if ever taken.
@@ -449,9 +439,12 @@ class BlockPool:
                     removed.append(h)
             self._removed.append(removed)
         groups = self._groups
-        distinct = dict.fromkeys(runs)  # usually the one or two requests freed longest ago
-        for run in distinct:
-            n = runs.count(run) if len(distinct) > 1 else len(runs)
+        # Usually the one or two requests freed longest ago; an identity count of the first
+        # settles the common single-run case without hashing every entry.
+        first = runs[0]
+        n_first = runs.count(first)
+        per_run = ((first, n_first),) if n_first == len(runs) else _counts(runs)
+        for run, n in per_run:
             grp = run.grp
             if grp is None:
                 self._untracked -= n
@@ -489,14 +482,13 @@ class BlockPool:
         if len(queued) != n_queued + len(ids):
             raise BlockPoolError(f"double free of a block among {ids}")
         self._queue += ids
-        self._num_cached_free += len(self._cached_ids.intersection(ids))
+        self._num_cached_free += len(self._run.keys() & ids)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible when no block is referenced (as in vLLM).
         Pending events are dropped: consumers clear their index on all_cleared."""
         if self.num_used:
             return False
-        self._cached_ids.clear()
         self._hash.clear()
         self._run.clear()
         self._groups.clear()
@@ -558,13 +550,13 @@ class BlockPool:
             raise BlockPoolError("tombstones disagree with the queue")
         if len(set(free)) != len(free) or set(free) != self._queued:
             raise BlockPoolError("the queue and the queued set disagree")
-        if any(b >= self._fresh for b in free) or any(b >= self._fresh for b in self._cached_ids):
+        if any(b >= self._fresh for b in free) or any(b >= self._fresh for b in self._run):
             raise BlockPoolError("a never-used block is queued or cached")
         if any(b in self._queued or b >= self._fresh or r < 1 for b, r in self._extra_refs.items()):
             raise BlockPoolError("extra references on a block not in use")
         counts: dict[int, int] = {}
         untracked = 0
-        for b in self._cached_ids:
+        for b in self._run:
             run = self._run[b]
             grp = run.grp
             if grp is None:
@@ -579,10 +571,10 @@ class BlockPool:
                     raise BlockPoolError(f"lazy block {b} is not in a lazy group")
             elif self._cached.get(h) != b or run is not (grp.tracked if grp else _UNTRACKED):
                 raise BlockPoolError(f"block {b}: hash {h} not mapped back")
-        if len(self._cached) != len(self._hash) or not self._cached_ids.issuperset(self._hash):
+        if len(self._cached) != len(self._hash) or not self._run.keys() >= self._hash.keys():
             raise BlockPoolError("cache map and block hashes disagree")
         if untracked != self._untracked or counts != {r: g.count for r, g in self._groups.items()}:
             raise BlockPoolError("group counts disagree")
-        n_cached_free = len(self._queued & self._cached_ids)
+        n_cached_free = len(self._queued & self._run.keys())
         if n_cached_free != self._num_cached_free:
             raise BlockPoolError(f"cached-free counter {self._num_cached_free} != {n_cached_free}")
