@@ -99,7 +99,7 @@ class _Group:
 class _Run:
     """Blocks one sequence registered in one call: ids[i] holds the block at position start + i."""
 
-    __slots__ = ("_pos", "grp", "ids", "seq", "start")
+    __slots__ = ("_pos", "grp", "ids", "pending", "seq", "start")
 
     def __init__(self, grp: _Group | None, seq: object, start: int, ids: Sequence[int]) -> None:
         self.grp = grp
@@ -107,6 +107,8 @@ class _Run:
         self.start = start
         self.ids = ids
         self._pos: dict[int, int] | None = None
+        # Registered while seq holds the blocks, which have no `_run` entries yet (see release).
+        self.pending = False
 
     def position(self, block_id: int) -> int:
         pos = self._pos
@@ -153,6 +155,11 @@ class BlockPool:
         self._queued: set[int] = set()
         self._extra_refs: dict[int, int] = {}
         self._run: dict[int, _Run] = {}  # cached block -> its registration
+        # Lazy runs whose sequence still holds their blocks: seq -> its runs, and their size.
+        # Until the sequence releases them nothing can evict, hit or free those blocks one by
+        # one, so their `_run` entries are written once, at release.
+        self._pending: dict[object, list[_Run]] = {}
+        self._num_pending = 0
         self._hash: dict[int, int] = {}  # of the cached blocks whose hash is computed
         self._cached: dict[int, int] = {}  # computed block hash -> block id
         self._num_cached_free = 0
@@ -185,7 +192,7 @@ class BlockPool:
     @property
     def num_cached(self) -> int:
         """All cached blocks, referenced or not."""
-        return len(self._run)
+        return len(self._run) + self._num_pending
 
     def ref_count(self, block_id: int) -> int:
         if block_id >= self._fresh or block_id in self._queued:
@@ -195,7 +202,11 @@ class BlockPool:
     def block_hash(self, block_id: int) -> int | None:
         run = self._run.get(block_id)
         if run is None:
-            return None
+            run = next(
+                (r for rs in self._pending.values() for r in rs if r.pending and block_id in r.ids), None
+            )
+            if run is None:
+                return None
         if block_id not in self._hash:
             grp = run.grp
             assert grp is not None
@@ -300,11 +311,14 @@ class BlockPool:
         ids = blocks[start:stop]
         block_run = self._run
         if grp.owner is seq:
-            n_cached = len(block_run)
             run = _Run(grp, seq, start, ids)
-            block_run.update(zip(ids, repeat(run)))
-            if len(block_run) != n_cached + len(ids):
-                raise BlockPoolError("block already cached")
+            run.pending = True
+            pending = self._pending.get(seq)
+            if pending is None:
+                self._pending[seq] = [run]
+            else:
+                pending.append(run)
+            self._num_pending += len(ids)
             grp.runs.append(run)
             grp.count += len(ids)
             self._stored.append((seq, start, stop))
@@ -336,7 +350,17 @@ class BlockPool:
         owner, runs = grp.owner, grp.runs
         grp.owner, grp.runs = None, []
         block_run = self._run
-        live = [(b, run.start + i) for run in runs for i, b in enumerate(run.ids) if block_run.get(b) is run]
+        live = [
+            (b, run.start + i)
+            for run in runs
+            for i, b in enumerate(run.ids)
+            if run.pending or block_run.get(b) is run
+        ]
+        for run in runs:
+            if run.pending:
+                # Registered now (below) rather than at release.
+                run.pending = False
+                self._num_pending -= len(run.ids)
         if not live:
             return
         hs = self._require_hasher()(owner, max(j for _, j in live) + 1)
@@ -453,11 +477,46 @@ class BlockPool:
             if not grp.count:
                 del groups[grp.root]
 
+    def release(self, seq: object, blocks: list[int]) -> None:
+        """free(reversed(blocks)) for all the blocks seq holds, writing the registrations of its
+        pending runs first. Those blocks are cached and only seq references them, so of the
+        freed blocks only the others need a lookup to count the cached ones."""
+        runs = self._pending.pop(seq, None) if self._pending else None
+        if not runs:
+            self.free(blocks[::-1])
+            return
+        block_run = self._run
+        n_before = len(block_run)
+        n = 0
+        for run in runs:
+            if run.pending:
+                block_run.update(zip(run.ids, repeat(run)))
+                run.pending = False
+                n += len(run.ids)
+        self._num_pending -= n
+        if len(block_run) != n_before + n:
+            raise BlockPoolError("block already cached")
+        # Consecutive registrations, all still pending (the usual case): positions lo .. hi - 1.
+        lo = runs[0].start
+        hi = runs[-1].start + len(runs[-1].ids)
+        if n != hi - lo:
+            self.free(blocks[::-1])
+            return
+        keys = block_run.keys()
+        others = len(keys & blocks[:lo]) if lo else 0
+        if hi < len(blocks):
+            others += len(keys & blocks[hi:])
+        self._free(blocks[::-1], n + others)
+
     def free(self, ordered_block_ids: Iterable[int]) -> None:
         """Drop one reference per block (distinct blocks). Blocks reaching zero join the free
         queue in the given order, i.e. the first one is evicted first (callers pass a request's
         blocks reversed so its tail goes before the shared prefix, as vLLM does)."""
         ids = ordered_block_ids if type(ordered_block_ids) is list else list(ordered_block_ids)
+        self._free(ids, -1)
+
+    def _free(self, ids: list[int], num_cached: int) -> None:
+        """free(ids); num_cached: how many of them are cached, if known (-1: count them)."""
         if not ids:
             return
         queued, extra = self._queued, self._extra_refs
@@ -475,6 +534,7 @@ class BlockPool:
                 else:
                     extra[b] = r - 1
             ids = last_refs
+            num_cached = -1
             if not ids:
                 return
         n_queued = len(queued)
@@ -482,7 +542,7 @@ class BlockPool:
         if len(queued) != n_queued + len(ids):
             raise BlockPoolError(f"double free of a block among {ids}")
         self._queue += ids
-        self._num_cached_free += len(self._run.keys() & ids)
+        self._num_cached_free += num_cached if num_cached >= 0 else len(self._run.keys() & ids)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible when no block is referenced (as in vLLM).
@@ -491,6 +551,8 @@ class BlockPool:
             return False
         self._hash.clear()
         self._run.clear()
+        self._pending.clear()
+        self._num_pending = 0
         self._groups.clear()
         self._untracked = 0
         self._cached.clear()
@@ -571,6 +633,21 @@ class BlockPool:
                     raise BlockPoolError(f"lazy block {b} is not in a lazy group")
             elif self._cached.get(h) != b or run is not (grp.tracked if grp else _UNTRACKED):
                 raise BlockPoolError(f"block {b}: hash {h} not mapped back")
+        num_pending = 0
+        for seq, runs in self._pending.items():
+            for run in runs:
+                if not run.pending:
+                    continue
+                grp = run.grp
+                if grp is None or grp.owner is not seq or run not in grp.runs or run.seq is not seq:
+                    raise BlockPoolError("a pending run is not in its sequence's lazy group")
+                for b in run.ids:
+                    if b in self._run or b in self._queued or b >= self._fresh or b in self._hash:
+                        raise BlockPoolError(f"pending block {b} is registered, free or hashed")
+                num_pending += len(run.ids)
+                counts[grp.root] = counts.get(grp.root, 0) + len(run.ids)
+        if num_pending != self._num_pending:
+            raise BlockPoolError(f"pending counter {self._num_pending} != {num_pending}")
         if len(self._cached) != len(self._hash) or not self._run.keys() >= self._hash.keys():
             raise BlockPoolError("cache map and block hashes disagree")
         if untracked != self._untracked or counts != {r: g.count for r, g in self._groups.items()}:

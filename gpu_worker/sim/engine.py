@@ -409,7 +409,7 @@ class SimEngine:
     def _release(self, req: _Request) -> None:
         self._cache_computed_blocks(req)
         # Tail first: the end of a sequence is the least likely to be shared, so evict it first.
-        self.pool.free(reversed(req.blocks))
+        self.pool.release(req, req.blocks)
         req.blocks = []
         req.num_cached_blocks = 0
         req.num_computed = 0
