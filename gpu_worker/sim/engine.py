@@ -656,15 +656,8 @@ class SimEngine:
         )
 
     def _output(self, req: _Request, ids: list[int], n: int, finished: bool) -> RequestOutput:
-        return RequestOutput(
-            request_id=req.request_id,
-            new_token_ids=ids,
-            num_new_tokens=n,
-            num_prompt_tokens=req.n_prompt,
-            num_cached_tokens=req.num_cached_tokens,
-            num_output_tokens=req.num_output,
-            finished=finished,
-            finish_reason="length" if finished else "",
+        return _fast_output(
+            req.request_id, ids, n, req.n_prompt, req.num_cached_tokens, req.num_output, finished
         )
 
     def _finish(self, req: _Request) -> None:
