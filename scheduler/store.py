@@ -202,6 +202,8 @@ class FleetStore:
         a single run (a new conversation whose system prompt is cached, a short or repeated
         prompt: the common case) those are the holders of the whole run, so one round trip
         answers; a conversation that outgrew its shared prefix needs the second."""
+        if not session_id and not block_hashes:
+            return None, {}  # nothing to look up: no round trip
         wanted = set(worker_ids)
         asked = list(wanted)
         first: list[tuple[str, ...]] = [

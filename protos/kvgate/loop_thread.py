@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
 from collections.abc import Callable, Coroutine
@@ -51,6 +52,12 @@ class LoopThread:
             pass
         except Exception:
             log.exception("%s died", self._name)
+        finally:
+            # A paho client that lost its connection uncleanly sits in a reference cycle with
+            # aiomqtt's; collected after this loop closes, its __del__ closes the socket through
+            # call_soon_threadsafe on the closed loop and raises. Finalise it while the loop runs.
+            gc.collect()
+            await asyncio.sleep(0)
 
     def call_soon(self, callback: Callable[[], object]) -> None:
         """Run callback on this thread's loop (from any thread); dropped once the loop is gone."""

@@ -121,5 +121,9 @@ async def test_a_single_run_of_holders_is_looked_up_in_one_round_trip(clean_redi
         round_trips = 0
         assert (await store.lookup("s1", ["a", "b", "c"], [99]))[1] == {}
         assert round_trips == 1
+        # A stateless prompt shorter than a block: nothing to ask Redis.
+        round_trips = 0
+        assert await store.lookup("", ["a", "b", "c"], []) == (None, {})
+        assert round_trips == 0
     finally:
         await client.aclose()
