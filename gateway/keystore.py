@@ -46,7 +46,9 @@ class KeyStore:
             created_ms=now_ms(),
         )
         fields: dict[_RedisField, _RedisField] = {k: v for k, v in record.to_redis().items()}
-        async with self._redis.pipeline(transaction=True) as pipe:
+        # Not a MULTI: the record and the index are in different Redis Cluster slots. The record
+        # goes first; the index only lists keys (authentication reads the record).
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(record_key(new.key_id), mapping=fields)
             pipe.zadd(KEYS_INDEX, {new.key_id: record.created_ms})
             await pipe.execute()

@@ -79,7 +79,10 @@ class SessionStore:
     ) -> chat_pb2.Session:
         session_id = uuid.uuid4().hex
         created = now_ms()
-        async with self._redis.pipeline(transaction=True) as pipe:
+        # Not a MULTI: the tenant's index is in another Redis Cluster slot than the session.
+        # Written after the session, it can only miss one that exists (list_recent also drops
+        # entries whose session expired), never list one that does not.
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(
                 _meta(session_id),
                 mapping={
@@ -132,7 +135,10 @@ class SessionStore:
         With an idempotency key, a turn already stored under it is not appended again (its index
         is returned), and the key's running-turn lock is released.
         """
-        async with self._redis.pipeline(transaction=True) as pipe:
+        # One round trip, not one transaction: the script is atomic on the session's hash tag,
+        # and the tenant's listing index lives in another slot (a MULTI spanning both is refused
+        # by Redis Cluster); it only orders ListSessions, so it need not commit with the turn.
+        async with self._redis.pipeline(transaction=False) as pipe:
             await self._append(
                 keys=[
                     _turns(session_id),
@@ -170,7 +176,7 @@ class SessionStore:
 
     async def delete(self, tenant: str, session_id: str) -> bool:
         """Callers check ownership first (get); this removes the session from `tenant`'s index."""
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=False) as pipe:  # two slots: see create()
             pipe.delete(_meta(session_id), _turns(session_id), _idempotency(session_id))
             pipe.zrem(tenant_sessions(tenant), session_id)
             deleted, _ = await pipe.execute()
