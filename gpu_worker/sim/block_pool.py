@@ -16,12 +16,21 @@ sequence's first block (the group's root, one hash per sequence). A group regist
 sequence alone stays lazy; the first lookup or registration by another sequence (or by the
 same one after a preemption) materialises it, after which it behaves exactly as the eager
 dict of hash -> block. Lookups for a root no group has miss without hashing further.
+
+Chunks: a lazy group's blocks need no per-block state even once freed. When a sequence whose
+registrations are all still lazy releases its blocks, the ones only it holds join the free
+queue as one chunk (a slice of block ids plus the positions they hold); allocation takes them
+as a slice and evicts their cached positions as one range. Only materialising the group (the
+first time anything could hit them) gives them per-block entries. So in the common case, a
+request's blocks cost a few list slices per lifetime instead of set and dict operations per
+block on tables as large as the pool.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import compress, islice, repeat
 from typing import Any
@@ -77,7 +86,7 @@ Hasher = Callable[[Any, int], Sequence[int]]
 class _Group:
     """The cached blocks of all sequences that start with the same first block (`root`)."""
 
-    __slots__ = ("_tracked", "count", "owner", "root", "runs")
+    __slots__ = ("_tracked", "chunks", "count", "owner", "root", "runs")
 
     def __init__(self, root: int, owner: object | None) -> None:
         self.root = root
@@ -85,6 +94,8 @@ class _Group:
         self.owner = owner
         # Lazy registrations, not pruned on eviction (see _materialize).
         self.runs: list[_Run] = []
+        # The owner's released blocks still queued without per-block state.
+        self.chunks: list[_Chunk] = []
         self.count = 0  # cached blocks in the group, lazy or not
         self._tracked: _Run | None = None
 
@@ -121,6 +132,46 @@ class _Run:
 _UNTRACKED = _Run(None, None, 0, [])
 
 
+class _Chunk:
+    """Blocks a sequence released while all its registrations were pending, queued with no
+    per-block state: the entries at absolute queue indices start .. end - 1 hold its positions
+    top, top - 1, ... (a sequence frees its tail first). Positions lo .. hi - 1 are its cached
+    runs, the others blank. Nothing can hit or touch them before their group is materialised
+    (which turns them into per-block entries, `dead`), so allocation takes them as a slice and
+    evicts them as one position range."""
+
+    __slots__ = ("dead", "end", "grp", "hi", "lo", "runs", "seq", "start", "top")
+
+    def __init__(
+        self, grp: _Group, runs: list[_Run], start: int, end: int, top: int, lo: int, hi: int
+    ) -> None:
+        self.grp = grp
+        self.seq = runs[0].seq
+        self.runs = runs
+        self.start = start
+        self.end = end
+        self.top = top
+        self.lo = lo
+        self.hi = hi
+        self.dead = False
+
+    @property
+    def num_cached(self) -> int:
+        """Cached blocks among the live entries."""
+        return max(0, min(self.top + 1, self.hi) - self.lo)
+
+
+class _Span:
+    """Removed-event entry: the hashes of seq's positions top, top - 1, ..., bottom."""
+
+    __slots__ = ("bottom", "seq", "top")
+
+    def __init__(self, seq: object, top: int, bottom: int) -> None:
+        self.seq = seq
+        self.top = top
+        self.bottom = bottom
+
+
 def _counts(runs: tuple[_Run, ...]) -> list[tuple[_Run, int]]:
     """(run, occurrences) for each distinct run, in order of first occurrence."""
     return [(run, runs.count(run)) for run in dict.fromkeys(runs)]
@@ -130,8 +181,10 @@ class BlockPool:
     """Block states: never used (id >= `_fresh`), queued (in `_queued`: ref count 0) or in use
     (ref count 1 + `_extra_refs`, which only cache hits on running blocks create). A block is
     cached when `_run` holds its registration (one dict for both, so an eviction is one pop
-    per block) and `_hash` holds its hash once computed. Sets and dicts rather than per-block lists
-    let a request's blocks change state in a few C calls (set.update, dict.update).
+    per block) and `_hash` holds its hash once computed. Blocks queued in a live chunk
+    (`_lazy`) are in none of these: the chunk holds their state. Sets and dicts rather than
+    per-block lists let a request's blocks change state in a few C calls (set.update,
+    dict.update).
     """
 
     def __init__(self, num_blocks: int, enable_caching: bool = True, hasher: Hasher | None = None) -> None:
@@ -146,10 +199,17 @@ class BlockPool:
         # then `_queue[_head:]`, where freed blocks join at the tail. A touch (cache hit) takes
         # a block out of the middle by leaving a tombstone: `_tombs` counts them per block, and
         # the oldest entries of a block are its tombstones, so popping skips them. With no
-        # tombstones, allocating n blocks is one slice.
+        # tombstones, allocating n blocks is one slice. Indices into the queue are absolute:
+        # `_queue[i]` is entry `_base + i` (the consumed front is dropped now and then).
         self._fresh = 0
         self._queue: list[int] = []
         self._head = 0
+        self._base = 0
+        # Runs of queue entries with no per-block state (see _Chunk), in queue order: their
+        # blocks are in neither `_queued` nor `_run`. Dead chunks have per-block entries again.
+        self._lazy: deque[_Chunk] = deque()
+        self._lazy_live = 0  # entries in live chunks
+        self._lazy_cached = 0  # cached blocks among them
         self._tombs: dict[int, int] = {}
         self._num_tombs = 0
         self._queued: set[int] = set()
@@ -178,7 +238,7 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         """Blocks allocatable right now, including evictable cached ones."""
-        return self.num_blocks - self._fresh + len(self._queued)
+        return self.num_blocks - self._fresh + len(self._queued) + self._lazy_live
 
     @property
     def num_cached_unreferenced(self) -> int:
@@ -187,19 +247,30 @@ class BlockPool:
     @property
     def num_used(self) -> int:
         """Blocks with ref count > 0."""
-        return self._fresh - len(self._queued)
+        return self._fresh - len(self._queued) - self._lazy_live
 
     @property
     def num_cached(self) -> int:
         """All cached blocks, referenced or not."""
-        return len(self._run) + self._num_pending
+        return len(self._run) + self._num_pending + self._lazy_cached
 
     def ref_count(self, block_id: int) -> int:
-        if block_id >= self._fresh or block_id in self._queued:
+        if block_id >= self._fresh or block_id in self._queued or self._chunk_of(block_id):
             return 0
         return 1 + self._extra_refs.get(block_id, 0)
 
+    def _chunk_of(self, block_id: int) -> _Chunk | None:
+        """The live chunk queuing block_id (a scan: only for the per-block API)."""
+        queue, base = self._queue, self._base
+        for ch in self._lazy:
+            if not ch.dead and block_id in queue[ch.start - base : ch.end - base]:
+                return ch
+        return None
+
     def block_hash(self, block_id: int) -> int | None:
+        ch = self._chunk_of(block_id) if self._lazy_live else None
+        if ch is not None:
+            self._unchunk(ch)
         run = self._run.get(block_id)
         if run is None:
             run = next(
@@ -261,6 +332,11 @@ class BlockPool:
         for b in block_ids:
             if b >= self._fresh:
                 self._materialize_fresh()
+            if self._lazy_live and b not in queued and b not in self._run:
+                # Only uncached blocks can be in a chunk (cache hits are materialised first).
+                ch = self._chunk_of(b)
+                if ch is not None:
+                    self._unchunk(ch)
             if b in queued:
                 queued.remove(b)
                 self._tombs[b] = self._tombs.get(b, 0) + 1
@@ -347,6 +423,10 @@ class BlockPool:
 
     def _materialize(self, grp: _Group) -> None:
         """Compute the hashes of a lazy group's blocks; it is then cached like any other."""
+        for ch in grp.chunks:
+            if not ch.dead:
+                self._unchunk(ch)
+        grp.chunks = []
         owner, runs = grp.owner, grp.runs
         grp.owner, grp.runs = None, []
         block_run = self._run
@@ -376,6 +456,20 @@ class BlockPool:
             if grp.owner is not None:
                 self._materialize(grp)
 
+    def _unchunk(self, ch: _Chunk) -> None:
+        """Give a chunk's live blocks per-block entries, as if released one by one."""
+        base = self._base
+        live = self._queue[ch.start - base : ch.end - base]
+        self._queued.update(live)
+        block_run = self._run
+        for run in ch.runs:
+            k = min(len(run.ids), ch.top + 1 - run.start)
+            if k > 0:
+                block_run.update(zip(run.ids[:k], repeat(run)))
+        self._lazy_live -= len(live)
+        self._lazy_cached -= ch.num_cached
+        ch.dead = True
+
     # -- allocation -------------------------------------------------------------------
 
     def _materialize_fresh(self) -> None:
@@ -383,19 +477,20 @@ class BlockPool:
         fresh = range(self._fresh, self.num_blocks)
         self._queue = [*fresh, *self._queue[self._head :]]
         self._queued.update(fresh)
+        self._base += self._head - len(fresh)
         self._head = 0
         self._fresh = self.num_blocks
 
-    def _pop(self, n: int) -> list[int]:
-        """The first n live entries of `_queue`, removed."""
+    def _pop(self, n: int, stop: int) -> list[int]:
+        """Up to n live per-block entries of `_queue` before index stop, removed."""
         queue, head = self._queue, self._head
         if not self._num_tombs:
-            taken = queue[head : head + n]
-            head += n
+            taken = queue[head : min(head + n, stop)]
+            head += len(taken)
         else:
             taken = []
             tombs = self._tombs
-            while len(taken) < n:
+            while len(taken) < n and head < stop:
                 b = queue[head]
                 head += 1
                 t = tombs.get(b)
@@ -407,9 +502,6 @@ class BlockPool:
                     del tombs[b]
                 else:
                     tombs[b] = t - 1
-        if head > 4096 and 2 * head > len(queue):
-            del queue[:head]
-            head = 0
         self._head = head
         self._queued.difference_update(taken)
         return taken
@@ -428,7 +520,21 @@ class BlockPool:
             n -= m
         else:
             out = []
-        taken = self._pop(n)
+        if self._lazy:
+            self._pop_chunked(n, out)
+        else:
+            taken = self._pop(n, len(self._queue))
+            self._drop_registrations(taken)
+            out += taken
+        head = self._head
+        if head > 4096 and 2 * head > len(self._queue):
+            del self._queue[:head]
+            self._base += head
+            self._head = 0
+        return out
+
+    def _drop_registrations(self, taken: list[int]) -> None:
+        """Evict whichever of these blocks, just taken off the queue's per-block entries, are cached."""
         block_run = self._run
         if block_run:
             # One pass drops the taken blocks' registrations; None marks an uncached block.
@@ -436,8 +542,45 @@ class BlockPool:
             live = tuple(filter(None, runs))
             if live:
                 self._evict(taken if len(live) == len(runs) else list(compress(taken, runs)), live)
-        out += taken
-        return out
+
+    def _pop_chunked(self, n: int, out: list[int]) -> None:
+        """Take n queue entries onto out when chunks are queued: per-block entries as _pop does,
+        a chunk's as one slice whose cached positions are evicted as one range."""
+        lazy, queue = self._lazy, self._queue
+        while n:
+            while lazy and lazy[0].dead:
+                lazy.popleft()
+            stop = lazy[0].start - self._base if lazy else len(queue)
+            if self._head < stop:
+                taken = self._pop(n, stop)
+                self._drop_registrations(taken)
+                out += taken
+                n -= len(taken)
+                continue
+            ch = lazy[0]
+            head = self._head
+            m = min(n, ch.end - ch.start)
+            out += queue[head : head + m]
+            self._head = head + m
+            ch.start += m
+            n -= m
+            self._lazy_live -= m
+            top = ch.top
+            ch.top = top - m
+            hi = min(top, ch.hi - 1)
+            lo = max(top - m + 1, ch.lo)
+            if hi >= lo:
+                c = hi - lo + 1
+                self._lazy_cached -= c
+                self._num_cached_free -= c
+                self._removed.append(_Span(ch.seq, hi, lo))
+                grp = ch.grp
+                grp.count -= c
+                if not grp.count:
+                    del self._groups[grp.root]
+            if ch.start == ch.end:
+                ch.dead = True
+                lazy.popleft()
 
     def allocate_one(self) -> int:
         """allocate(1)[0] without the list."""
@@ -478,35 +621,52 @@ class BlockPool:
                 del groups[grp.root]
 
     def release(self, seq: object, blocks: list[int]) -> None:
-        """free(reversed(blocks)) for all the blocks seq holds, writing the registrations of its
-        pending runs first. Those blocks are cached and only seq references them, so of the
-        freed blocks only the others need a lookup to count the cached ones."""
+        """free(reversed(blocks)) for all the blocks seq holds. When its registrations are all
+        pending and consecutive (positions lo .. hi - 1, the usual case), blocks[lo:] (only seq
+        holds them) are queued as one chunk with no per-block state; the others are freed one
+        by one."""
         runs = self._pending.pop(seq, None) if self._pending else None
         if not runs:
             self.free(blocks[::-1])
             return
-        block_run = self._run
-        n_before = len(block_run)
         n = 0
+        for run in runs:
+            if run.pending:
+                n += len(run.ids)
+        lo = runs[0].start
+        hi = runs[-1].start + len(runs[-1].ids)
+        tail = blocks[hi:]
+        block_run = self._run
+        if n == hi - lo and (
+            not tail or (block_run.keys().isdisjoint(tail) and self._extra_refs.keys().isdisjoint(tail))
+        ):
+            for run in runs:
+                run.pending = False
+            self._num_pending -= n
+            grp = runs[0].grp
+            assert grp is not None
+            queue = self._queue
+            start = self._base + len(queue)
+            queue += blocks[: lo - 1 if lo else None : -1]
+            ch = _Chunk(grp, runs, start, self._base + len(queue), len(blocks) - 1, lo, hi)
+            self._lazy.append(ch)
+            grp.chunks.append(ch)
+            self._lazy_live += len(blocks) - lo
+            self._lazy_cached += n
+            self._num_cached_free += n
+            if lo:
+                shared = blocks[lo - 1 :: -1]
+                self._free(shared, len(block_run.keys() & shared))
+            return
+        n_before = len(block_run)
         for run in runs:
             if run.pending:
                 block_run.update(zip(run.ids, repeat(run)))
                 run.pending = False
-                n += len(run.ids)
         self._num_pending -= n
         if len(block_run) != n_before + n:
             raise BlockPoolError("block already cached")
-        # Consecutive registrations, all still pending (the usual case): positions lo .. hi - 1.
-        lo = runs[0].start
-        hi = runs[-1].start + len(runs[-1].ids)
-        if n != hi - lo:
-            self.free(blocks[::-1])
-            return
-        keys = block_run.keys()
-        others = len(keys & blocks[:lo]) if lo else 0
-        if hi < len(blocks):
-            others += len(keys & blocks[hi:])
-        self._free(blocks[::-1], n + others)
+        self.free(blocks[::-1])
 
     def free(self, ordered_block_ids: Iterable[int]) -> None:
         """Drop one reference per block (distinct blocks). Blocks reaching zero join the free
@@ -551,6 +711,11 @@ class BlockPool:
             return False
         self._hash.clear()
         self._run.clear()
+        for ch in self._lazy:
+            # The entries stay queued, blank.
+            ch.hi = ch.lo
+            ch.runs = []
+        self._lazy_cached = 0
         self._pending.clear()
         self._num_pending = 0
         self._groups.clear()
@@ -587,6 +752,10 @@ class BlockPool:
         out: list[int] = []
         hasher = self._hasher
         for e in self._removed:
+            if type(e) is _Span:
+                assert hasher is not None
+                out += hasher(e.seq, e.top + 1)[e.top : e.bottom - 1 if e.bottom else None : -1]
+                continue
             if type(e) is tuple:
                 e = list(zip(*e, strict=True))
             for x in e:
@@ -603,11 +772,29 @@ class BlockPool:
         """O(num_blocks) self-check for tests."""
         tombs = dict(self._tombs)
         free: list[int] = []
-        for b in self._queue[self._head :]:
-            if tombs.get(b):
-                tombs[b] -= 1
-            else:
-                free.append(b)
+        chunked: list[int] = []
+        chunks = [ch for ch in self._lazy if not ch.dead]
+        head = self._base + self._head
+        for ch in chunks:
+            if not head <= ch.start < ch.end or ch.end - ch.start != ch.top + 1 - ch.lo:
+                raise BlockPoolError("chunks out of queue order or miscounted")
+            head = ch.end
+        bounds = [(ch.start - self._base, ch.end - self._base) for ch in chunks]
+        i = self._head
+        for lo, hi in [*bounds, (len(self._queue), len(self._queue))]:
+            for b in self._queue[i:lo]:
+                if tombs.get(b):
+                    tombs[b] -= 1
+                else:
+                    free.append(b)
+            chunked += self._queue[lo:hi]
+            i = hi
+        if len(chunked) != self._lazy_live or sum(ch.num_cached for ch in chunks) != self._lazy_cached:
+            raise BlockPoolError("chunk counters disagree")
+        if len(set(chunked) | set(free)) != len(chunked) + len(free):
+            raise BlockPoolError("a block is queued twice")
+        if any(b >= self._fresh or b in self._run or b in self._extra_refs for b in chunked):
+            raise BlockPoolError("a chunked block is never-used, registered or referenced")
         if any(tombs.values()) or sum(self._tombs.values()) != self._num_tombs:
             raise BlockPoolError("tombstones disagree with the queue")
         if len(set(free)) != len(free) or set(free) != self._queued:
@@ -633,6 +820,12 @@ class BlockPool:
                     raise BlockPoolError(f"lazy block {b} is not in a lazy group")
             elif self._cached.get(h) != b or run is not (grp.tracked if grp else _UNTRACKED):
                 raise BlockPoolError(f"block {b}: hash {h} not mapped back")
+        for ch in chunks:
+            if ch.num_cached:
+                grp = ch.grp
+                if self._groups.get(grp.root) is not grp or grp.owner is not ch.seq or ch not in grp.chunks:
+                    raise BlockPoolError("a chunk with cached blocks is not in its lazy group")
+                counts[grp.root] = counts.get(grp.root, 0) + ch.num_cached
         num_pending = 0
         for seq, runs in self._pending.items():
             for run in runs:
@@ -652,6 +845,6 @@ class BlockPool:
             raise BlockPoolError("cache map and block hashes disagree")
         if untracked != self._untracked or counts != {r: g.count for r, g in self._groups.items()}:
             raise BlockPoolError("group counts disagree")
-        n_cached_free = len(self._queued & self._run.keys())
+        n_cached_free = len(self._queued & self._run.keys()) + self._lazy_cached
         if n_cached_free != self._num_cached_free:
             raise BlockPoolError(f"cached-free counter {self._num_cached_free} != {n_cached_free}")

@@ -519,3 +519,32 @@ def test_lazy_hashing_equals_eager_hashing(workload: list[tuple[int, int, int, i
     assert lazy.stats() == eager.stats()
     assert lazy.take_kv_events() == eager.take_kv_events()
     assert_drained(lazy)
+
+
+def test_released_chunk_answers_the_per_block_api() -> None:
+    """A finished request's blocks are queued as one chunk without per-block state; the
+    per-block API (ref_count, block_hash, touch) still sees them as queued cached blocks."""
+    kw = {"gpu": "h100", "model": "llama-3-8b", "num_gpu_blocks_override": 40, "block_size": 4}
+    lazy, eager = SimEngine(EngineConfig(**kw)), _EagerHashing(EngineConfig(**kw))  # type: ignore[arg-type]
+    for e in (lazy, eager):
+        e.add_request("a", range(1000, 1030), 6, seed=1)
+        e.add_request("b", range(2000, 2021), 3, seed=2)
+        run_to_end(e)
+    assert lazy.pool._lazy_live > 0
+    lazy.pool.check_invariants()
+    for b in range(lazy.pool._fresh):
+        assert lazy.pool.ref_count(b) == eager.pool.ref_count(b) == 0
+    # A touch of an uncached chunked block (a's partial last block) takes it out of the queue.
+    tail = next(b for b in range(lazy.pool._fresh) if eager.pool.block_hash(b) is None)
+    for e in (lazy, eager):
+        e.pool.touch([tail])
+        assert e.pool.ref_count(tail) == 1
+    lazy.pool.check_invariants()
+    assert [lazy.pool.block_hash(b) for b in range(lazy.pool._fresh)] == [
+        eager.pool.block_hash(b) for b in range(eager.pool._fresh)
+    ]
+    lazy.pool.check_invariants()
+    for e in (lazy, eager):
+        e.pool.allocate(e.pool.num_free)
+    assert lazy.take_kv_events() == eager.take_kv_events()
+    lazy.pool.check_invariants()
