@@ -99,6 +99,13 @@ class _Group:
         self.count = 0  # cached blocks in the group, lazy or not
         self._tracked: _Run | None = None
 
+    def unlink(self) -> None:
+        """Drop the references back to the group's runs and chunks once it is empty (they
+        point at it), so that nothing it leaves is freed only by the cyclic GC."""
+        self.runs = []
+        self.chunks = []
+        self._tracked = None
+
     @property
     def tracked(self) -> _Run:
         """The run of the group's hashed (materialised) blocks."""
@@ -415,6 +422,7 @@ class BlockPool:
         grp.count += n
         if not grp.count:
             del groups[root]
+            grp.unlink()
 
     def _require_hasher(self) -> Hasher:
         if self._hasher is None:
@@ -578,6 +586,7 @@ class BlockPool:
                 grp.count -= c
                 if not grp.count:
                     del self._groups[grp.root]
+                    grp.unlink()
             if ch.start == ch.end:
                 ch.dead = True
                 lazy.popleft()
@@ -619,6 +628,7 @@ class BlockPool:
             grp.count -= n
             if not grp.count:
                 del groups[grp.root]
+                grp.unlink()
 
     def release(self, seq: object, blocks: list[int]) -> None:
         """free(reversed(blocks)) for all the blocks seq holds. When its registrations are all
@@ -718,6 +728,8 @@ class BlockPool:
         self._lazy_cached = 0
         self._pending.clear()
         self._num_pending = 0
+        for grp in self._groups.values():
+            grp.unlink()
         self._groups.clear()
         self._untracked = 0
         self._cached.clear()

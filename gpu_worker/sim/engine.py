@@ -266,6 +266,37 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class _SeqHasher:
+    """The pool's hasher: a request's chained block hashes, computed up to at least n_blocks.
+
+    An object of its own rather than a bound method of the engine, so the pool holds no
+    reference back to the engine: without that cycle a dropped engine is freed at once
+    instead of being left, whole, to the cyclic GC (a full collection of one finished busy
+    worker took 0.2 s, charged to whatever ran next)."""
+
+    __slots__ = ("block_size", "tokenizer")
+
+    def __init__(self, block_size: int, tokenizer: SimTokenizer) -> None:
+        self.block_size = block_size
+        self.tokenizer = tokenizer
+
+    def __call__(self, req: _Request, n_blocks: int) -> list[int]:
+        hashes = req.hashes
+        have = len(hashes)
+        if have >= n_blocks:
+            return hashes
+        bs = self.block_size
+        lo, hi = have * bs, n_blocks * bs
+        n_prompt = req.n_prompt
+        base = req.prompt_base
+        tokens: Sequence[int] = req.prompt[lo - base : hi - base]
+        if hi > n_prompt:
+            start = max(lo - n_prompt, 0)
+            tokens = [*tokens, *self.tokenizer.sample_many(req.seed, start, hi - n_prompt - start)]
+        hashes += block_hashes(tokens, bs, hashes[-1] if hashes else None)
+        return hashes
+
+
 class SimEngine:
     kind = "sim"
 
@@ -285,9 +316,11 @@ class SimEngine:
             self.num_blocks = kv_capacity_blocks(
                 self.gpu, self.model_profile, config.tp, config.gpu_memory_utilization, config.block_size
             )
-        self.pool = BlockPool(self.num_blocks, config.enable_prefix_caching, self._seq_hashes)
         self._pricer = DecodePricer(self.gpu, self.model_profile, config.tp)
         self.tokenizer = tokenizer or SimTokenizer()
+        self.pool = BlockPool(
+            self.num_blocks, config.enable_prefix_caching, _SeqHasher(self.block_size, self.tokenizer)
+        )
         self._caching = config.enable_prefix_caching
         self._requests: dict[str, _Request] = {}
         self._running: list[_Request] = []
@@ -371,23 +404,6 @@ class SimEngine:
         return len(self._waiting)
 
     # -- block bookkeeping ------------------------------------------------------------
-
-    def _seq_hashes(self, req: _Request, n_blocks: int) -> list[int]:
-        """The pool's hasher: req's chained block hashes, computed up to at least n_blocks."""
-        hashes = req.hashes
-        have = len(hashes)
-        if have >= n_blocks:
-            return hashes
-        bs = self.block_size
-        lo, hi = have * bs, n_blocks * bs
-        n_prompt = req.n_prompt
-        base = req.prompt_base
-        tokens: Sequence[int] = req.prompt[lo - base : hi - base]
-        if hi > n_prompt:
-            start = max(lo - n_prompt, 0)
-            tokens = [*tokens, *self.tokenizer.sample_many(req.seed, start, hi - n_prompt - start)]
-        hashes += block_hashes(tokens, bs, hashes[-1] if hashes else None)
-        return hashes
 
     def _cache_computed_blocks(self, req: _Request) -> None:
         """Register req's full, computed blocks in the prefix cache.
