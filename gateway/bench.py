@@ -29,7 +29,11 @@ JSON keys (`--json`):
   one stream at a time, through the coalesced gateway vs a Generate call to its worker, and
   the difference of the p50s; `place_p50_ms`: a Place + its reply called on the scheduler
   directly (the gateway waits for one before it can open the worker stream), so
-  `added_ttft_p50_ms - place_p50_ms` approximates the gateway's own share.
+  `added_ttft_p50_ms - place_p50_ms` approximates the gateway's own share. `grpc_rtt_p50_ms`:
+  a bare unary round trip (a health check of the scheduler) sampled in the same loop, so idle
+  between calls like every hop of a sequential sample: the floor of one gRPC hop on this
+  machine (a process woken from idle costs far more than one kept busy), reported beside
+  `added_ttft_over_grpc_rtt`.
 - `rss_mb_at_2000_streams`: RSS of a coalescing gateway (a fleet of its own, whose real-time sim
   worker models room for every stream) with `--open-streams` (2,000) streams sent, sampled
   once each has had its first event; `streams_streaming_at_rss_sample` says how many were
@@ -53,6 +57,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import prompt
 from kvgate.bench_util import (
@@ -250,11 +255,12 @@ class Ttfts:
     gateway: list[float]
     direct: list[float]
     place: list[float]
+    bare_rtt: list[float]
 
 
 async def _ttfts(fleet: Fleet, samples: int) -> Ttfts:
     """One stream at a time (no queueing anywhere), the three paths interleaved."""
-    out = Ttfts([], [], [])
+    out = Ttfts([], [], [], [])
     messages = [common_pb2.Message(role="user", content=PROMPT)]
     async with (
         grpc.aio.insecure_channel(fleet.gateway, options=CHANNEL_OPTIONS) as g,
@@ -262,7 +268,7 @@ async def _ttfts(fleet: Fleet, samples: int) -> Ttfts:
         grpc.aio.insecure_channel(fleet.scheduler, options=CHANNEL_OPTIONS) as s,
     ):
         chat, engine = chat_pb2_grpc.ChatStub(g), worker_pb2_grpc.WorkerStub(w)
-        scheduler = scheduler_pb2_grpc.SchedulerStub(s)
+        scheduler, health = scheduler_pb2_grpc.SchedulerStub(s), health_pb2_grpc.HealthStub(s)
         for _ in range(samples):
             out.gateway.append((await _stream(chat, _request(4)))[2])
             started = time.perf_counter()
@@ -288,6 +294,9 @@ async def _ttfts(fleet: Fleet, samples: int) -> Ttfts:
             await scheduler.Release(
                 scheduler_pb2.ReleaseRequest(request_id=request_id, worker_id=placed.placed.worker_id)
             )
+            started = time.perf_counter()
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            out.bare_rtt.append(time.perf_counter() - started)
     return out
 
 
@@ -373,6 +382,7 @@ async def run_bench(args: argparse.Namespace, fleets: dict[str, Fleet], progress
     ttft = await _ttfts(fleets["coalesced"], args.ttft_samples)
     gateway_p50, direct_p50 = statistics.median(ttft.gateway), statistics.median(ttft.direct)
     place_p50 = statistics.median(ttft.place)
+    rtt_p50 = statistics.median(ttft.bare_rtt)
     rss, streaming = await _rss_with_open_streams(
         fleets[RSS_MODE].gateway, fleets[RSS_MODE].gateway_pid, args.open_streams, progress
     )
@@ -396,6 +406,8 @@ async def run_bench(args: argparse.Namespace, fleets: dict[str, Fleet], progress
         "ttft_direct_p50_ms": _ms(direct_p50),
         "added_ttft_p50_ms": _ms(gateway_p50 - direct_p50),
         "place_p50_ms": _ms(place_p50),
+        "grpc_rtt_p50_ms": _ms(rtt_p50),
+        "added_ttft_over_grpc_rtt": round((gateway_p50 - direct_p50) / rtt_p50, 2),
         "open_streams": args.open_streams,
         "streams_streaming_at_rss_sample": streaming,
         f"rss_mb_at_{args.open_streams}_streams": round(rss, 1),

@@ -72,6 +72,8 @@ class TurnJob:
     prompt_tokens_estimate: int
     max_tokens: int
     deadline: float | None = None  # time.monotonic() by which the turn must end
+    # A stored session's first turn: nothing pinned yet (the scheduler may reserve sooner).
+    first_turn: bool = False
 
 
 @dataclass
@@ -214,6 +216,7 @@ class TurnRunner:
             max_new_tokens=job.max_tokens - progress.completion_tokens,
             exclude_workers=excluded,
             block_hashes=block_hashes,
+            first_turn=job.first_turn and not excluded,
         )
         response = await self._place_once(request, job.deadline)
         if response.WhichOneof("result") == "shed" and self._admission.enter():

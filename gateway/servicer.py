@@ -212,6 +212,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             prompt_tokens_estimate=prompt.estimate_tokens(messages),
             max_tokens=max_tokens,
             deadline=time.monotonic() + remaining if remaining is not None else None,
+            first_turn=session is not None and not session.turns,
         )
         # Charged at admission for the most the turn can cost: prompt plus every allowed token.
         await self._gate.charge(

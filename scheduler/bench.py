@@ -157,7 +157,7 @@ async def _load(
         sessions.append(session)
         request = scheduler_pb2.PlaceRequest(
             request_id=f"bench-{i}", session_id=session, model="llama-3-8b", tier="free",
-            prompt_tokens=rng.randint(200, 2000), max_new_tokens=256,
+            prompt_tokens=rng.randint(200, 2000), max_new_tokens=256, first_turn=session == f"s{i}",
         )  # fmt: skip
         started = time.perf_counter()
         try:

@@ -98,6 +98,11 @@ class FleetCache:
         if not committed:
             self._add(worker_id, -tokens)
 
+    def adjust(self, worker_id: str, tokens: int) -> None:
+        """Count more (or, negative, fewer) reserved tokens on a worker in the current snapshot:
+        for a committed reservation that a placement sets aside while it decides, or gives back."""
+        self._add(worker_id, tokens)
+
     def _add(self, worker_id: str, tokens: int) -> None:
         # In place: the policy runs synchronously between awaits, so no decision ever sees a
         # snapshot change under it, and copying the fleet per reservation cost more than placing.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -15,8 +16,9 @@ import redis.exceptions
 from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler import metrics
 from scheduler.fleet_cache import FleetCache
+from scheduler.pin_hints import PinHints
 from scheduler.policy import Placed, PlacementRequest, Policy, Shed
-from scheduler.store import FleetStore, ReserveStatus
+from scheduler.store import FleetStore, ReserveResult, ReserveStatus
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self._policy = policy
         self._drain_worker = drain_worker
         self._background: set[asyncio.Task[None]] = set()
+        self._pin_hints = PinHints()
 
     async def Place(
         self, request: scheduler_pb2.PlaceRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -62,13 +65,23 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return response
 
     async def _place(self, request: scheduler_pb2.PlaceRequest) -> scheduler_pb2.PlaceResponse:
+        """Decide with the pin and the prefix index, commit atomically; usually one Redis round trip.
+
+        The lookup (pin, prefix holders) and the commit would be two round trips in a row. So for
+        a stateless turn, a session's first turn, or a session whose pin this replica has seen,
+        the policy first decides with what is known without asking (that pin, no prefix hits)
+        and the guess is reserved in the same write as the lookup. The policy then decides again
+        with the lookup's answer; when it picks the guessed worker the reservation already
+        holds. When it picks another (a cached prefix elsewhere, a pin moved by another replica),
+        that one is committed as before and the guess is given back.
+        """
         tier = request.tier or "free"
         block_hashes = list(request.block_hashes)
-        serving: list[str] = []
-        if block_hashes:  # only prefix hits need to know who serves the model
-            fleet = await self._fleet.get()
-            serving = [w.worker_id for w in fleet.workers.values() if w.model == request.model]
-        pinned, prefix_hits = await self._store.lookup(request.session_id, serving, block_hashes)
+        fleet = await self._fleet.get()
+        # Only prefix hits need to know who serves the model.
+        serving = (
+            [w.worker_id for w in fleet.workers.values() if w.model == request.model] if block_hashes else []
+        )
         placement = PlacementRequest(
             request_id=request.request_id,
             session_id=request.session_id,
@@ -78,22 +91,58 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             tier=tier,
             block_hashes=tuple(block_hashes),
             exclude_workers=frozenset(request.exclude_workers),
-            pinned_worker=pinned,
+            pinned_worker=self._pin_hints.get(request.session_id) if request.session_id else None,
             client_region=request.client_region,
-            prefix_hit_blocks=prefix_hits,
         )
+        tokens = placement.tokens_needed
+        # Guess only where the lookup rarely changes the answer: a session of unknown pin might
+        # be pinned elsewhere, and a wrong guess costs a reservation given back.
+        reads_lookup = self._policy.reads_pins_and_prefixes
+        guessable = (
+            not reads_lookup
+            or not request.session_id
+            or request.first_turn
+            or placement.pinned_worker is not None
+        )
+        guess = self._policy.place(placement, fleet) if guessable else None
+        early = ""  # the guessed worker, once its reservation holds
+        if isinstance(guess, Placed) and guess.candidates and not guess.wait_for_pinned:
+            pinned, prefix_hits, early = await self._lookup_and_reserve(
+                request, serving, block_hashes, guess.candidates[0], tokens
+            )
+        else:
+            pinned, prefix_hits = await self._store.lookup(request.session_id, serving, block_hashes)
+        self._pin_hints.remember(request.session_id, pinned)
+        placement = dataclasses.replace(placement, pinned_worker=pinned, prefix_hit_blocks=prefix_hits)
         # Re-read the snapshot after the lookup's await: reservations that concurrent placements
-        # began meanwhile must count, or a burst piles onto one worker.
+        # began meanwhile must count, or a burst piles onto one worker. The guess's own
+        # reservation must not: decide as if it were not there yet (no await until it is back).
         fleet = await self._fleet.get()
-        decision = self._policy.place(placement, fleet)
+        if not reads_lookup and guess is not None:
+            # The lookup cannot change this policy's choice; the pin only names the outcome.
+            decision = (
+                dataclasses.replace(guess, pinned_worker=pinned) if isinstance(guess, Placed) else guess
+            )
+        else:
+            if early:
+                self._fleet.adjust(early, -tokens)
+            try:
+                decision = self._policy.place(placement, fleet)
+            finally:
+                if early:
+                    self._fleet.adjust(early, tokens)
         if isinstance(decision, Placed):
             for i, worker_id in enumerate(decision.candidates):
-                wait_s = decision.expected_wait_s if i == 0 and decision.wait_for_pinned else 0.0
-                if not await self._commit(worker_id, request.request_id, placement.tokens_needed, wait_s):
-                    metrics.COMMIT_CONFLICTS.inc()
-                    continue
+                if worker_id != early:
+                    wait_s = decision.expected_wait_s if i == 0 and decision.wait_for_pinned else 0.0
+                    if not await self._commit(worker_id, request.request_id, tokens, wait_s):
+                        metrics.COMMIT_CONFLICTS.inc()
+                        continue
+                    if early:
+                        self._give_back(early, request.request_id, tokens)
                 worker = fleet.workers[worker_id]
                 outcome = decision.outcome_for(worker_id)
+                self._pin_hints.remember(request.session_id, worker_id)
                 # The pin is affinity, not correctness: write it after answering, off the hot path.
                 self._spawn(
                     self._store.record_placement(request.session_id, worker_id, pinned, outcome.value)
@@ -105,13 +154,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                         address=worker.address,
                         region=worker.region,
                         outcome=OUTCOME_TO_PROTO[outcome.value],
-                        reserved_tokens=placement.tokens_needed,
+                        reserved_tokens=tokens,
                         engine=worker.engine,
                     )
                 )
             # Every candidate filled up between snapshot and commit: the snapshot is out of date.
             self._fleet.invalidate()
             decision = Shed(retry_after_s=0.5, reason="at capacity", tier=tier)
+        if early:
+            self._give_back(early, request.request_id, tokens)
         assert isinstance(decision, Shed)
         shed_tier = decision.tier or tier
         await self._store.count_shed(shed_tier)
@@ -121,6 +172,49 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 retry_after_ms=math.ceil(decision.retry_after_s * 1000), reason=decision.reason
             )
         )
+
+    async def _lookup_and_reserve(
+        self,
+        request: scheduler_pb2.PlaceRequest,
+        serving: list[str],
+        block_hashes: list[int],
+        worker_id: str,
+        tokens: int,
+    ) -> tuple[str | None, dict[str, int], str]:
+        """The lookup and a reservation on the guessed worker, in one round trip (both are issued
+        in this tick, so the connection sends them in one write): (pin, prefix hits, the guessed
+        worker if its reservation holds, else "")."""
+        self._fleet.begin_reservation(worker_id, tokens)
+        committed = False
+        try:
+            looked, reserved = await asyncio.gather(
+                self._store.lookup(request.session_id, serving, block_hashes),
+                self._store.reserve(worker_id, request.request_id, tokens),
+                return_exceptions=True,
+            )
+            committed = isinstance(reserved, ReserveResult) and reserved.status == ReserveStatus.RESERVED
+        finally:
+            self._fleet.end_reservation(worker_id, tokens, committed)
+        if isinstance(looked, BaseException):
+            if committed:
+                self._give_back(worker_id, request.request_id, tokens)
+            raise looked
+        if isinstance(reserved, BaseException):
+            # Unknown whether it holds: it expires with its ttl, as after any lost reply.
+            raise reserved
+        if not committed:
+            metrics.COMMIT_CONFLICTS.inc()
+        pinned, prefix_hits = looked
+        return pinned, prefix_hits, worker_id if committed else ""
+
+    def _give_back(self, worker_id: str, request_id: str, tokens: int) -> None:
+        """Release a reservation this placement made but does not use (never reserved again by it)."""
+        self._fleet.adjust(worker_id, -tokens)
+
+        async def release() -> None:
+            await self._store.release(worker_id, request_id)
+
+        self._spawn(release())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(_suppress_redis_errors(coro))

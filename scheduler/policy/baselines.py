@@ -26,6 +26,8 @@ from scheduler.policy.model import Decision, FleetView, Placed, PlacementRequest
 class _Baseline:
     config: KvgateConfig = field(default_factory=KvgateConfig)
     name: str = "baseline"
+    # session-hash hashes the session id; none of them reads the pin or the prefix index.
+    reads_pins_and_prefixes: bool = field(default=False, init=False)
     _pipeline: Pipeline = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -58,6 +58,8 @@ def default_pipeline(config: KvgateConfig) -> Pipeline:
 
 
 class KvgatePolicy:
+    reads_pins_and_prefixes = True
+
     def __init__(
         self, name: str = "kvgate", pipeline: Pipeline | None = None, config: KvgateConfig | None = None
     ) -> None:

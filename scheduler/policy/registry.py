@@ -22,6 +22,12 @@ class Policy(Protocol):
     @property
     def name(self) -> str: ...
 
+    # Whether the choice depends on the request's pin and prefix hits. When it does not, the
+    # live scheduler decides once, before the lookup answers (and a stateful policy's counter or
+    # rng advances once per placement, as in the simulator).
+    @property
+    def reads_pins_and_prefixes(self) -> bool: ...
+
     def place(self, request: PlacementRequest, fleet: FleetView) -> Decision: ...
 
 

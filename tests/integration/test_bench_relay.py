@@ -31,4 +31,4 @@ def test_bench_relay_json_has_the_documented_keys_and_an_honest_baseline() -> No
     for mode in ("coalesced", "per_token", "gateway_only"):
         assert result[f"{mode}_tokens_per_gateway_cpu_s"] > 0
         assert result[f"tokens_per_message_{mode}"] >= 1.0
-    assert result["place_p50_ms"] > 0 and result["ttft_direct_p50_ms"] > 0
+    assert result["place_p50_ms"] > 0 and result["ttft_direct_p50_ms"] > 0 and result["grpc_rtt_p50_ms"] > 0

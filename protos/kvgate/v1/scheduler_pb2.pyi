@@ -57,6 +57,7 @@ class PlaceRequest(_message.Message):
     BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     EXCLUDE_WORKERS_FIELD_NUMBER: _builtins.int
     CLIENT_REGION_FIELD_NUMBER: _builtins.int
+    FIRST_TURN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     session_id: _builtins.str
     model: _builtins.str
@@ -64,6 +65,11 @@ class PlaceRequest(_message.Message):
     prompt_tokens: _builtins.int
     max_new_tokens: _builtins.int
     client_region: _builtins.str
+    first_turn: _builtins.bool
+    """The session's first turn: it has no pin yet. The scheduler then reserves its choice in the
+    same Redis round trip as the prefix lookup instead of after it (a hint only: a pin found
+    anyway is still honoured).
+    """
     @_builtins.property
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Chained hashes of the prompt's full KV blocks, for prefix-aware placement."""
@@ -84,10 +90,11 @@ class PlaceRequest(_message.Message):
         block_hashes: _abc.Iterable[_builtins.int] | None = ...,
         exclude_workers: _abc.Iterable[_builtins.str] | None = ...,
         client_region: _builtins.str = ...,
+        first_turn: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "client_region", b"client_region", "exclude_workers", b"exclude_workers", "max_new_tokens", b"max_new_tokens", "model", b"model", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "session_id", b"session_id", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "client_region", b"client_region", "exclude_workers", b"exclude_workers", "first_turn", b"first_turn", "max_new_tokens", b"max_new_tokens", "model", b"model", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "session_id", b"session_id", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

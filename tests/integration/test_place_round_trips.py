@@ -1,0 +1,194 @@
+"""A placement usually costs one Redis round trip: the policy's guess is reserved in the same write
+as the pin and prefix lookup (scheduler/servicer.py). When the lookup changes the decision, the
+guess is given back and nothing is left reserved on it. Against real Redis, counting writes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as redis
+
+from kvgate.v1 import scheduler_pb2, telemetry_pb2
+from scheduler import redis_mux
+from scheduler.fleet_cache import FleetCache
+from scheduler.policy import make_policy
+from scheduler.servicer import SchedulerServicer
+from scheduler.store import FleetStore, StoreSettings
+
+
+@pytest.fixture
+async def store(clean_redis: str) -> AsyncIterator[FleetStore]:
+    client = redis.Redis.from_url(clean_redis)
+    s = FleetStore(client, StoreSettings())
+    yield s
+    await s.aclose()
+    await client.aclose()
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the Redis connection's writes (one per round trip: commands of one tick share one)."""
+    count = [0]
+    flush = redis_mux._Protocol.flush
+
+    def counted(self: redis_mux._Protocol) -> None:
+        if self.out:
+            count[0] += 1
+        flush(self)
+
+    monkeypatch.setattr(redis_mux._Protocol, "flush", counted)
+    return count
+
+
+async def _report(store: FleetStore, worker_id: str, used_blocks: int) -> None:
+    await store.ingest_stats(
+        telemetry_pb2.WorkerStats(
+            worker_id=worker_id, region="us-east", address=f"{worker_id}:1", model="m", engine="sim",
+            state=telemetry_pb2.WORKER_LIFECYCLE_READY, block_size=16, num_blocks_total=1000,
+            num_blocks_used=used_blocks, seq=1,
+        )
+    )  # fmt: skip
+
+
+async def _servicer_with_scripts_loaded(store: FleetStore) -> SchedulerServicer:
+    """A servicer whose fleet snapshot is read (in service it refreshes in the background) and
+    whose Lua scripts Redis already has (the first EVALSHA of a process loads them: two more
+    round trips, once)."""
+    await store.reserve("nobody", "warm-up", 1)
+    servicer = _servicer(store)
+    await servicer._fleet.get()
+    return servicer
+
+
+def _servicer(store: FleetStore) -> SchedulerServicer:
+    async def no_drain(worker_id: str) -> None:
+        pass
+
+    return SchedulerServicer(store, FleetCache(store, max_age_s=3600), make_policy("kvgate"), no_drain)
+
+
+def _request(request_id: str, session_id: str, first_turn: bool = False) -> scheduler_pb2.PlaceRequest:
+    return scheduler_pb2.PlaceRequest(
+        request_id=request_id, session_id=session_id, model="m", tier="free", prompt_tokens=100,
+        max_new_tokens=60, block_hashes=[11, 12], first_turn=first_turn,
+    )  # fmt: skip
+
+
+async def _settle(servicer: SchedulerServicer) -> None:
+    """Let the background pin writes and give-backs finish."""
+    for _ in range(100):
+        if not servicer._background:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("background Redis writes did not finish")
+
+
+async def test_first_turns_and_stateless_turns_are_placed_in_one_round_trip(
+    store: FleetStore, writes: list[int]
+) -> None:
+    await _report(store, "idle", used_blocks=0)
+    await _report(store, "busy", used_blocks=800)
+    servicer = await _servicer_with_scripts_loaded(store)
+    for request_id, session_id, first_turn in (("r1", "s1", True), ("r2", "", False)):
+        writes[0] = 0
+        response = await servicer._place(_request(request_id, session_id, first_turn))
+        assert response.placed.worker_id == "idle"
+        assert response.placed.outcome == scheduler_pb2.PLACE_OUTCOME_NEW
+        assert writes[0] == 1, (session_id, writes[0])
+    assert await store.reserved_tokens("idle") == 2 * 160
+    await _settle(servicer)
+
+
+async def test_a_pin_this_replica_has_not_seen_is_looked_up_first_then_remembered(
+    store: FleetStore, writes: list[int]
+) -> None:
+    await _report(store, "idle", used_blocks=0)
+    await _report(store, "holder", used_blocks=500)
+    # Another replica placed the session's last turn on "holder".
+    await store.record_placement("s2", "holder", None, "new")
+    servicer = await _servicer_with_scripts_loaded(store)
+    writes[0] = 0
+    response = await servicer._place(_request("r3", "s2"))
+    assert response.placed.worker_id == "holder"
+    assert response.placed.outcome == scheduler_pb2.PLACE_OUTCOME_PINNED_HIT
+    assert writes[0] == 2  # lookup, then commit: no guess to give back
+    await _settle(servicer)
+    assert await store.reserved_tokens("idle") == 0
+    # The session's next turn: this replica knows the pin now, so its guess holds.
+    writes[0] = 0
+    response = await servicer._place(_request("r4", "s2"))
+    assert response.placed.worker_id == "holder" and writes[0] == 1
+    await _settle(servicer)
+
+
+async def test_a_stale_pin_hint_costs_a_round_trip_and_leaves_no_reservation(
+    store: FleetStore, writes: list[int]
+) -> None:
+    await _report(store, "a", used_blocks=0)
+    await _report(store, "b", used_blocks=500)
+    servicer = await _servicer_with_scripts_loaded(store)
+    first = await servicer._place(_request("r5", "s5", first_turn=True))
+    assert first.placed.worker_id == "a"
+    await _settle(servicer)
+    await store.release("a", "r5")
+    # Another replica moved the session to "b" since: this replica's hint still says "a".
+    await store.record_placement("s5", "b", "a", "moved")
+    before = dict((await servicer._fleet.get()).workers)  # views are replaced, not changed
+    writes[0] = 0
+    response = await servicer._place(_request("r6", "s5"))
+    assert response.placed.worker_id == "b"
+    assert response.placed.outcome == scheduler_pb2.PLACE_OUTCOME_PINNED_HIT
+    assert writes[0] == 2  # the guess ("a") with the lookup, then the commit on "b"
+    await _settle(servicer)
+    assert await store.reserved_tokens("a") == 0  # the guess was given back
+    assert await store.reserved_tokens("b") == 160
+    # This replica's snapshot counts only what it holds: nothing more on "a", the turn on "b".
+    after = (await servicer._fleet.get()).workers
+    assert after["a"].reserved_tokens == before["a"].reserved_tokens
+    assert after["b"].reserved_tokens == before["b"].reserved_tokens + 160
+
+
+async def test_a_guess_that_finds_no_room_falls_back_to_the_next_candidate(
+    store: FleetStore, writes: list[int]
+) -> None:
+    await _report(store, "a", used_blocks=0)
+    await _report(store, "b", used_blocks=100)
+    servicer = await _servicer_with_scripts_loaded(store)
+    # Telemetry says "a" is empty, but another replica has just reserved all of it.
+    assert (await store.reserve("a", "elsewhere", 16_000)).status.name == "RESERVED"
+    response = await servicer._place(_request("r7", "s7", first_turn=True))
+    assert response.placed.worker_id == "b"
+    await _settle(servicer)
+    assert await store.reserved_tokens("a") == 16_000
+    assert await store.reserved_tokens("b") == 160
+
+
+async def test_a_baseline_policy_decides_once_per_placement(store: FleetStore, writes: list[int]) -> None:
+    # Round-robin reads no pin: it decides before the lookup answers, and only once, so its
+    # counter steps through the fleet one worker per placement.
+    for worker_id in ("w0", "w1", "w2"):
+        await _report(store, worker_id, used_blocks=0)
+    await store.record_placement("old", "w2", None, "new")
+
+    async def no_drain(worker_id: str) -> None:
+        pass
+
+    servicer = SchedulerServicer(
+        store, FleetCache(store, max_age_s=3600), make_policy("round-robin"), no_drain
+    )
+    await store.reserve("nobody", "warm-up", 1)
+    await servicer._fleet.get()
+    chosen, outcomes = [], []
+    for i, session_id in enumerate(("a", "b", "old", "")):
+        writes[0] = 0
+        response = await servicer._place(_request(f"r{i}", session_id))
+        chosen.append(response.placed.worker_id)
+        outcomes.append(response.placed.outcome)
+        assert writes[0] == 1
+        await _settle(servicer)
+    assert chosen == ["w0", "w1", "w2", "w0"]
+    # The outcome still comes from the pin the lookup found.
+    assert outcomes[2] == scheduler_pb2.PLACE_OUTCOME_PINNED_HIT
+    assert outcomes[0] == scheduler_pb2.PLACE_OUTCOME_NEW
