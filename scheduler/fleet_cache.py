@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import time
 
+from scheduler import metrics
 from scheduler.policy import FleetView, WorkerView
 from scheduler.store import FleetStore
 
@@ -68,6 +69,7 @@ class FleetCache:
         workers = dict(view.workers)
         self._view = dataclasses.replace(view, workers=workers)
         self._workers = workers
+        metrics.observe_fleet(view)  # as read from Redis, before this replica's in-flight commits
         for worker_id, tokens in self._pending.items():
             self._add(worker_id, tokens)
         return self._view

@@ -6,6 +6,8 @@ import functools
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from scheduler.policy import FleetView
+
 PLACEMENTS = Counter(
     "kvgate_scheduler_placements_total",
     "Placement decisions by outcome (new, pinned_hit, moved, shed) and tier",
@@ -62,3 +64,19 @@ TELEMETRY_MESSAGES = Counter(
 )
 FLEET_KV_TOKENS = Gauge("kvgate_scheduler_fleet_kv_tokens", "Fleet KV tokens by state", ["state"])
 STALE_WORKERS = Gauge("kvgate_scheduler_stale_workers", "Workers whose telemetry is stale")
+
+
+def observe_fleet(fleet: FleetView) -> tuple[int, int, int]:
+    """Set the fleet gauges from a snapshot: (total KV tokens, free KV tokens, stale workers) of
+    the workers alive in it. Called on every snapshot refresh, so the gauges are as fresh as
+    the placements' view of the fleet even when nobody asks for FleetStatus."""
+    total = free = stale = 0
+    for w in fleet.workers.values():
+        if fleet.is_alive(w):
+            total += w.capacity_tokens
+            free += max(0, w.free_tokens)
+            stale += w.age_s > fleet.stale_after_s
+    FLEET_KV_TOKENS.labels("total").set(total)
+    FLEET_KV_TOKENS.labels("free").set(free)
+    STALE_WORKERS.set(stale)
+    return total, free, stale

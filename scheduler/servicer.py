@@ -264,13 +264,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             context.set_trailing_metadata((("grpc-retry-pushback-ms", str(REDIS_DOWN_RETRY_MS)),))
             await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler state store (Redis) unavailable")
         response = scheduler_pb2.FleetStatusResponse(shed_by_tier=shed, placements_by_outcome=placed)
-        total = free = stale = 0
         for wid in ids:
             w = fleet.workers[wid]
             alive = fleet.is_alive(w)
-            is_stale = alive and w.age_s > fleet.stale_after_s
-            stale += is_stale
-            state = "stale" if is_stale else (w.state.value if alive else "offline")
+            state = (
+                "stale"
+                if alive and w.age_s > fleet.stale_after_s
+                else (w.state.value if alive else "offline")
+            )
             pins, indexed = extras[wid]
             response.workers.append(
                 scheduler_pb2.WorkerState(
@@ -284,14 +285,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     arithmetic_intensity=w.arithmetic_intensity,
                 )
             )  # fmt: skip
-            if alive:
-                total += w.capacity_tokens
-                free += max(0, w.free_tokens)
-        response.fleet_kv_tokens_total = total
-        response.fleet_kv_tokens_free = free
-        metrics.FLEET_KV_TOKENS.labels("total").set(total)
-        metrics.FLEET_KV_TOKENS.labels("free").set(free)
-        metrics.STALE_WORKERS.set(stale)
+        response.fleet_kv_tokens_total, response.fleet_kv_tokens_free, _ = metrics.observe_fleet(fleet)
         return response
 
     async def DrainWorker(

@@ -80,3 +80,18 @@ async def test_reservations_in_flight_stay_counted_across_refreshes(store: Fleet
     cache.end_reservation("w1", 500, committed=False)
     assert (await cache.get()).workers["w1"].reserved_tokens == 0
     cache.close()
+
+
+async def test_every_snapshot_read_sets_the_fleet_gauges(store: FleetStore) -> None:
+    from prometheus_client import REGISTRY
+
+    def gauge(state: str) -> float | None:
+        return REGISTRY.get_sample_value("kvgate_scheduler_fleet_kv_tokens", {"state": state})
+
+    await _report(store, "w1", used_blocks=250, seq=1)
+    cache = FleetCache(store, max_age_s=3600)
+    await cache.get()  # no FleetStatus call: the placements' own snapshot read sets them
+    assert gauge("total") == 1000 * 16
+    assert gauge("free") == 750 * 16
+    assert REGISTRY.get_sample_value("kvgate_scheduler_stale_workers") == 0
+    cache.close()
