@@ -581,7 +581,14 @@ class BlockPool:
                 c = hi - lo + 1
                 self._lazy_cached -= c
                 self._num_cached_free -= c
-                self._removed.append(_Span(ch.seq, hi, lo))
+                removed = self._removed
+                last = removed[-1] if removed else None
+                if type(last) is _Span and last.seq is ch.seq and last.bottom == hi + 1:
+                    # The rest of the range the last eviction took (decode growth takes a few
+                    # blocks at a time): one entry per chunk keeps the event backlog small.
+                    last.bottom = lo
+                else:
+                    removed.append(_Span(ch.seq, hi, lo))
                 grp = ch.grp
                 grp.count -= c
                 if not grp.count:

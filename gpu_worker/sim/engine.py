@@ -6,9 +6,12 @@ preempt by recompute when blocks run out, price the batch with the roofline mode
 emit the sampled tokens. No clock is read here: callers advance wall or virtual time by
 `duration_s`.
 
-Cost discipline: work per step is O(batch); per-token work happens only when a caller asks
-for token ids and when block hashes are needed (the pool computes them lazily: for a prefix
-lookup that can hit, a registration that can duplicate, or the KV events; see block_pool).
+Cost discipline: a pure-decode step or jump does work only for the requests that need a new
+KV block or finish (a decode clock advances the others' counters, see SimEngine.__init__,
+and decode outputs are derived from it when read); anything else is O(batch). Per-token work
+happens only when a caller asks for token ids and when block hashes are needed (the pool
+computes them lazily: for a prefix lookup that can hit, a registration that can duplicate,
+or the KV events; see block_pool).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import attrgetter, sub
+from heapq import heapify, heappop, heappush, heapreplace
 
 from gpu_worker.engine import EngineError, EngineStats, KvEventBatch
 from gpu_worker.sim.block_pool import BlockPool, block_hashes
@@ -61,30 +64,54 @@ class RequestOutput:
     finish_reason: str = ""
 
 
+class _Epoch:
+    """A stretch of decode-clock time in which no running request's output base
+    (num_output - t0) changes off the clock. Lazy outputs of that stretch read the bases when
+    materialised; the engine freezes them here (`bases`) before anything changes them."""
+
+    __slots__ = ("bases", "used")
+
+    def __init__(self) -> None:
+        self.bases: dict[_Request, int] | None = None
+        self.used = False
+
+    def base(self, req: _Request) -> int:
+        bases = self.bases
+        if bases is not None:
+            b = bases.get(req)
+            if b is not None:
+                return b
+        # Not running when the epoch closed: finished or aborted, so unchanged since.
+        return req.num_output - req.t0
+
+
 class _LazyOutputs:
     """Per-request outputs built on first access of `outputs`.
 
-    A decode step (or a k-step jump) records only which requests advanced and their output
-    counts afterwards; the RequestOutput objects (and token ids) are derived from that on
-    demand. Everything they are derived from (id, seed, prompt length, cached tokens, limit)
-    is fixed once a request is admitted, so late materialisation yields the same values.
+    A decode step (or a k-step jump) records only which requests advanced, the clock after
+    the step and its epoch, which give each request's output count (base + clock); the
+    RequestOutput objects (and token ids) are derived from that on demand. Everything they
+    are derived from (id, seed, prompt length, cached tokens, limit) is fixed once a request
+    is admitted, so late materialisation yields the same values.
     """
 
-    __slots__ = ("_counts", "_k", "_outputs", "_reqs", "_tail", "_tokenizer", "_with_ids")
+    __slots__ = ("_clock", "_epoch", "_k", "_outputs", "_reqs", "_tail", "_tokenizer", "_with_ids")
 
     def _init_lazy(
         self,
         outputs: list[RequestOutput] | None,
         reqs: list[_Request] | None = None,
-        counts: list[int] | None = None,
+        epoch: _Epoch | None = None,
         k: int = 1,
         with_ids: bool = True,
         tail: list[RequestOutput] | None = None,
         tokenizer: SimTokenizer | None = None,
+        clock: int = 0,
     ) -> None:
         self._outputs = outputs
         self._reqs = reqs
-        self._counts = counts
+        self._epoch = epoch
+        self._clock = clock
         self._k = k
         self._with_ids = with_ids
         self._tail = tail
@@ -94,13 +121,15 @@ class _LazyOutputs:
     def outputs(self) -> list[RequestOutput]:
         out = self._outputs
         if out is None:
-            out = _decode_outputs(
-                self._reqs or [], self._counts or [], self._k, self._with_ids, self._tokenizer
-            )
+            reqs = self._reqs or []
+            epoch, clock = self._epoch, self._clock
+            counts = [epoch.base(r) + clock for r in reqs] if epoch else []
+            out = _decode_outputs(reqs, counts, self._k, self._with_ids, self._tokenizer)
             if self._tail:
                 out.extend(self._tail)
             self._outputs = out
-            self._reqs = self._counts = self._tail = None
+            self._reqs = self._tail = None
+            self._epoch = None
         return out
 
 
@@ -227,10 +256,12 @@ class _Request:
         "num_cached_tokens",
         "num_computed",
         "num_output",
+        "order",
         "prompt",
         "prompt_base",
         "request_id",
         "seed",
+        "t0",
     )
 
     def __init__(
@@ -252,14 +283,15 @@ class _Request:
         # Leading entries of `blocks` already registered in (or taken from) the prefix cache.
         self.num_cached_blocks = 0
         self.num_cached_tokens = -1  # set at first admission
+        # While running, num_computed and num_output are their values at engine clock t0 (each
+        # tick since decoded one token); `order` is its rank in the running batch (admission
+        # count), which orders the clock's heaps like the batch.
+        self.t0 = 0
+        self.order = 0
 
     @property
     def num_tokens(self) -> int:
         return self.n_prompt + self.num_output
-
-
-_max_new_tokens = attrgetter("max_new_tokens")
-_num_output = attrgetter("num_output")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -342,9 +374,18 @@ class SimEngine:
         # Bumped on every state change; steps_until_event() is cached against it.
         self._version = 0
         self._event_cache = (-1, 0)
-        # (version, fewest tokens a running request has left to sample), carried through decode
-        # steps and jumps that finish or admit nothing, so steps_until_event need not rescan.
-        self._min_left = (-1, 0)
+        # Decode clock: a decode step (fast path or jump) advances `_clock` instead of every
+        # running request's counters (see _Request.t0). Heaps of (clock value, order, request)
+        # say when each running request next needs a block (the tick at which it computes the
+        # first position past its blocks) and when it finishes, so a decode step costs
+        # O(requests growing or finishing), not O(batch). Valid while `_heaps_ok`: anything
+        # that changes counters off the clock (general step, abort) clears it.
+        self._clock = 0
+        self._admissions = 0
+        self._grow_heap: list[tuple[int, int, _Request]] = []
+        self._finish_heap: list[tuple[int, int, _Request]] = []
+        self._heaps_ok = False
+        self._epoch = _Epoch()
 
     # -- requests -------------------------------------------------------------------
 
@@ -374,10 +415,7 @@ class SimEngine:
         req = _Request(request_id, prompt, max_new_tokens, seed, [])
         self._requests[request_id] = req
         self._waiting.append(req)
-        version, left = self._min_left
         self._version += 1
-        if version == self._version - 1:
-            self._min_left = (self._version, left)  # the running batch is unchanged
 
     def abort(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)
@@ -385,9 +423,11 @@ class SimEngine:
             return False
         self._version += 1
         if req.blocks:
+            self._sync(req)
             self._running.remove(req)
             self._release(req)
             self._decode_known = False
+            self._heaps_ok = False
         else:
             self._waiting.remove(req)
         return True
@@ -451,9 +491,48 @@ class SimEngine:
 
     # -- stepping ---------------------------------------------------------------------
 
+    def _sync(self, req: _Request) -> None:
+        """Bring a running request's counters up to the clock."""
+        d = self._clock - req.t0
+        if d:
+            req.num_computed += d
+            req.num_output += d
+            req.t0 = self._clock
+
+    def _sync_running(self) -> None:
+        clock = self._clock
+        for r in self._running:
+            d = clock - r.t0
+            if d:
+                r.num_computed += d
+                r.num_output += d
+                r.t0 = clock
+
+    def _build_heaps(self) -> None:
+        """The clock's heaps for a running batch that only decodes."""
+        self._sync_running()
+        t = self._clock
+        bs = self.block_size
+        running = self._running
+        self._finish_heap = [(t + r.max_new_tokens - r.num_output, r.order, r) for r in running]
+        self._grow_heap = [(t + len(r.blocks) * bs - r.num_computed, r.order, r) for r in running]
+        heapify(self._finish_heap)
+        heapify(self._grow_heap)
+        self._heaps_ok = True
+
+    def _clock_in(self, admitted: list[tuple[_Request, int]]) -> None:
+        """Put the requests admitted by a decode step that now decode on the clock."""
+        t = self._clock
+        bs = self.block_size
+        for r, _ in admitted:
+            if r.blocks and r.num_computed == r.n_prompt + r.num_output - 1:
+                heappush(self._finish_heap, (t + r.max_new_tokens - r.num_output, r.order, r))
+                heappush(self._grow_heap, (t + len(r.blocks) * bs - r.num_computed, r.order, r))
+
     def _decode_state(self) -> bool:
         """True when every running request is decoding; refreshes _ctx_sum when unknown."""
         if not self._decode_known:
+            self._sync_running()
             running = self._running
             self._decode_only = all(r.num_computed == r.n_prompt + r.num_output - 1 for r in running)
             self._ctx_sum = sum(r.num_computed for r in running) + len(running)
@@ -476,35 +555,39 @@ class SimEngine:
 
     def _decode_step(self) -> StepOutput:
         """step() when all running requests decode: the same schedule, allocations, pricing and
-        outputs as _general_step, with O(1) work per request and the context sum kept
-        incrementally."""
+        outputs as _general_step, with work only for the requests that need a block or finish
+        (the clock advances everyone else) and the context sum kept incrementally."""
         cfg = self.config
         pool = self.pool
-        bs = self.block_size
         running = self._running
         batch = len(running)
-        ctx = self._ctx_sum
-        counts: list[int] = []
-        count = counts.append
+        if not self._heaps_ok:
+            self._build_heaps()
+        t = self._clock
+        t1 = self._clock = t + 1
+        grow = self._grow_heap
+        if grow and grow[0][0] == t:
+            # The requests whose token at this tick opens a new block, in schedule order; one
+            # allocation for them, handed out in that order (the blocks each would get
+            # allocating in turn). Entries of finished requests are dropped on the way.
+            growing: list[_Request] = []
+            bs = self.block_size
+            while grow and grow[0][0] == t:
+                _, order, r = grow[0]
+                if r.blocks:
+                    growing.append(r)
+                    heapreplace(grow, (t + bs, order, r))
+                else:
+                    heappop(grow)
+            if growing:
+                for r, b in zip(growing, pool.allocate(len(growing)), strict=True):
+                    r.blocks.append(b)
+        fin = self._finish_heap
         finished: list[_Request] = []
-        growing: list[_Request] = []
-        for r in running:
-            c = r.num_computed
-            # The token at position c opens a new block (blocks always cover num_computed).
-            if not c % bs and len(r.blocks) * bs <= c:
-                growing.append(r)
-            r.num_computed = c + 1
-            n = r.num_output + 1
-            r.num_output = n
-            count(n)
-            if n >= r.max_new_tokens:
-                finished.append(r)
-        if growing:
-            # One allocation for the batch, handed out in schedule order: the same blocks each
-            # request would get allocating in turn.
-            for r, b in zip(growing, pool.allocate(len(growing)), strict=True):
-                r.blocks.append(b)
-        decoders = running[:batch]
+        while fin and fin[0][0] == t1:
+            finished.append(heappop(fin)[2])
+        decoders = running[:]
+        ctx = self._ctx_sum
 
         budget = cfg.max_num_batched_tokens - batch
         admitted: list[tuple[_Request, int]] = []
@@ -519,6 +602,7 @@ class SimEngine:
             )
         ctx += batch
         for r in finished:
+            self._sync(r)
             ctx -= r.num_computed + 1
             self._finish(r)
         self._ctx_sum = ctx
@@ -528,19 +612,15 @@ class SimEngine:
             tail = []
             any_finished |= self._apply(admitted, tail)
             # _apply leaves the decode state unknown when a chunk stops short of the prompt end.
+            self._clock_in(admitted)
         if any_finished:
             self._running = [r for r in running if r.blocks]
-        version, left = self._min_left
-        if not any_finished and version == self._version - 1:
-            # The batch only lost a token each and gained the admitted requests.
-            left -= 1
-            for r, _ in admitted:
-                left = min(left, r.max_new_tokens - r.num_output)
-            self._min_left = (self._version, left)
         num_outputs = batch + (len(tail) if tail else 0)
         self._record(cost.seconds, num_outputs, cost.arithmetic_intensity, 1)
         out = StepOutput(cost.seconds, None, cfg.max_num_batched_tokens - budget, cost.arithmetic_intensity)
-        out._init_lazy(None, decoders, counts, 1, True, tail, self.tokenizer)
+        epoch = self._epoch
+        epoch.used = True
+        out._init_lazy(None, decoders, epoch, 1, True, tail, self.tokenizer, t1)
         return out
 
     def _admit(self, scheduled: list[tuple[_Request, int]], budget: int) -> int:
@@ -557,6 +637,9 @@ class SimEngine:
                 break
             hits, n, new_blocks = plan
             waiting.popleft()
+            req.order = self._admissions
+            self._admissions += 1
+            req.t0 = self._clock
             pool.touch(hits)
             req.blocks = hits + pool.allocate(new_blocks)
             req.num_cached_blocks = len(hits)
@@ -600,6 +683,13 @@ class SimEngine:
         return any_finished
 
     def _general_step(self) -> StepOutput:
+        if self._epoch.used:
+            # This step changes output bases off the clock: freeze those the lazy outputs of
+            # the epoch may still need.
+            self._epoch.bases = {r: r.num_output - r.t0 for r in self._running}
+            self._epoch = _Epoch()
+        self._sync_running()
+        self._heaps_ok = False
         cfg = self.config
         pool = self.pool
         budget = cfg.max_num_batched_tokens
@@ -700,12 +790,13 @@ class SimEngine:
     # -- multi-step jump --------------------------------------------------------------
 
     def _extra_blocks(self, k: int) -> int:
+        """Blocks the running batch needs for k more decode steps (heaps valid)."""
         bs = self.block_size
+        end = self._clock + k
         total = 0
-        for r in self._running:
-            extra = _cdiv(r.num_computed + k, bs) - len(r.blocks)
-            if extra > 0:
-                total += extra
+        for g, _, r in self._grow_heap:
+            if g < end and r.blocks:
+                total += (end - 1 - g) // bs + 1
         return total
 
     def steps_until_event(self) -> int:
@@ -727,10 +818,9 @@ class SimEngine:
             return 0
         if not self._decode_state():
             return 0  # something is still prefilling
-        version, k_finish = self._min_left
-        if version != self._version:
-            k_finish = min(map(sub, map(_max_new_tokens, running), map(_num_output, running)))
-            self._min_left = (self._version, k_finish)
+        if not self._heaps_ok:
+            self._build_heaps()
+        k_finish = self._finish_heap[0][0] - self._clock
         if self._waiting and batch < cfg.max_num_seqs:
             budget_left = cfg.max_num_batched_tokens - batch
             # Decode allocations only shrink the free pool (and may evict the head's cache
@@ -774,50 +864,52 @@ class SimEngine:
         running = self._running
         batch = len(running)
         bs = self.block_size
-        pool = self.pool
         ctx = self._ctx_sum
         cost = self._pricer.run(batch, ctx).cost(k)
-        counts: list[int] = []
-        count = counts.append
-        finished: list[_Request] = []
-        growing: list[tuple[_Request, int]] = []
+        t = self._clock
+        end = self._clock = t + k
+        grow = self._grow_heap
+        growing: list[tuple[int, _Request, int]] = []
         total = 0
-        for r in running:
-            c = r.num_computed + k
-            extra = -(-c // bs) - len(r.blocks)
-            if extra > 0:
-                growing.append((r, extra))
-                total += extra
-            r.num_computed = c
-            n = r.num_output + k
-            r.num_output = n
-            count(n)
-            if n >= r.max_new_tokens:
-                finished.append(r)
+        while grow and grow[0][0] < end:
+            g, order, r = grow[0]
+            if r.blocks:
+                n = (end - 1 - g) // bs + 1
+                growing.append((order, r, n))
+                total += n
+                heapreplace(grow, (g + n * bs, order, r))
+            else:
+                heappop(grow)
         if growing:
             # One allocation, split in schedule order: the blocks each request would get
             # allocating in turn. (k single steps interleave the requests' allocations step by
             # step: the same blocks leave the queue, evicting the same hashes in the same
             # order; only which request holds which block id differs, which nothing observes.)
-            got = pool.allocate(total)
+            growing.sort()
+            got = self.pool.allocate(total)
             i = 0
-            for r, extra in growing:
-                r.blocks += got[i : i + extra]
-                i += extra
+            for _, r, n in growing:
+                r.blocks += got[i : i + n]
+                i += n
+        fin = self._finish_heap
+        finished: list[_Request] = []
+        while fin and fin[0][0] <= end:
+            finished.append(heappop(fin)[2])
         reqs = running[:]
         # As with k single steps, requests finish only in the last step, after all allocations.
         ctx += batch * k
         for r in finished:
+            self._sync(r)
             ctx -= r.num_computed + 1
             self._finish(r)
         self._ctx_sum = ctx
         if finished:
             self._running = [r for r in running if r.blocks]
-        if not finished and self._min_left[0] == self._version - 1:
-            self._min_left = (self._version, self._min_left[1] - k)
         self._record(cost.seconds / k, batch, cost.arithmetic_intensity, k)
         out = JumpOutput(k, cost.seconds, None, batch * k, cost.arithmetic_intensity)
-        out._init_lazy(None, reqs, counts, k, collect_tokens, None, self.tokenizer)
+        epoch = self._epoch
+        epoch.used = True
+        out._init_lazy(None, reqs, epoch, k, collect_tokens, None, self.tokenizer, end)
         return out
 
     # -- observability ----------------------------------------------------------------

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from gpu_worker.engine import ChatMessage, EngineError
 from gpu_worker.sim import (
     EngineConfig,
+    JumpOutput,
     RequestOutput,
     SimEngine,
     SimTokenizer,
@@ -422,8 +423,10 @@ def test_jump_equals_single_steps_on_random_workloads(
         k = jumper.steps_until_event()
         assert k == stepper.steps_until_event()
         for e in (jumper, stepper):
-            # What the last step or jump left behind for steps_until_event agrees with a rescan.
-            e._min_left = e._event_cache = (-1, 0)
+            # What the last step or jump left behind for steps_until_event (the decode clock's
+            # heaps) agrees with a rescan.
+            e._heaps_ok = False
+            e._event_cache = (-1, 0)
             assert e.steps_until_event() == k
         if k < 2:
             a, b = jumper.step(), stepper.step()
@@ -548,3 +551,40 @@ def test_released_chunk_answers_the_per_block_api() -> None:
         e.pool.allocate(e.pool.num_free)
     assert lazy.take_kv_events() == eager.take_kv_events()
     lazy.pool.check_invariants()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=_workload, blocks=st.integers(30, 90))
+def test_outputs_read_late_equal_outputs_read_at_once(
+    workload: list[tuple[int, int, int, int]], blocks: int
+) -> None:
+    """Decode outputs derive their counts from the decode clock when read: read at the very end
+    (after preemptions, chunked prefills, re-admissions and jumps changed the batch), they are
+    those of their step."""
+    kw = {"num_gpu_blocks_override": blocks, "block_size": 4, "max_num_seqs": 5, "max_num_batched_tokens": 48}
+    now, late = make(**kw), make(**kw)
+    read: list[list[RequestOutput]] = []
+    kept: list[StepOutput | JumpOutput] = []
+
+    def advance() -> None:
+        k = now.steps_until_event()
+        assert late.steps_until_event() == k
+        if k > 1:
+            read.append(now.jump(k, collect_tokens=True).outputs)
+            kept.append(late.jump(k, collect_tokens=True))
+        else:
+            read.append(now.step().outputs)
+            kept.append(late.step())
+
+    for i, (prompt, output, family, steps) in enumerate(workload):
+        for e in (now, late):
+            try:
+                _add(e, i, prompt, output, family)
+            except EngineError:
+                pass
+        for _ in range(steps):
+            if now.has_unfinished():
+                advance()
+    while now.has_unfinished():
+        advance()
+    assert [o.outputs for o in kept] == read
