@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from heapq import heapify, heappop, heappush, heapreplace
+from heapq import heapify, heappop, heappush
 
 from gpu_worker.engine import EngineError, EngineStats, KvEventBatch
 from gpu_worker.sim.block_pool import BlockPool, block_hashes
@@ -375,14 +375,16 @@ class SimEngine:
         self._version = 0
         self._event_cache = (-1, 0)
         # Decode clock: a decode step (fast path or jump) advances `_clock` instead of every
-        # running request's counters (see _Request.t0). Heaps of (clock value, order, request)
-        # say when each running request next needs a block (the tick at which it computes the
-        # first position past its blocks) and when it finishes, so a decode step costs
-        # O(requests growing or finishing), not O(batch). Valid while `_heaps_ok`: anything
-        # that changes counters off the clock (general step, abort) clears it.
+        # running request's counters (see _Request.t0). A decoding request's blocks cover its
+        # computed tokens with less than a block to spare, so it needs a new block at the
+        # ticks t with t = g (mod block_size) for a fixed g: `_grow[g]` holds those requests
+        # (in schedule order), and a heap of (clock value, order, request) says when each
+        # finishes. So a decode step costs O(requests growing or finishing), not O(batch).
+        # Valid while `_heaps_ok`: anything that changes counters off the clock (general step,
+        # abort) clears it.
         self._clock = 0
         self._admissions = 0
-        self._grow_heap: list[tuple[int, int, _Request]] = []
+        self._grow: list[dict[_Request, None]] = []
         self._finish_heap: list[tuple[int, int, _Request]] = []
         self._heaps_ok = False
         self._epoch = _Epoch()
@@ -515,10 +517,18 @@ class SimEngine:
         bs = self.block_size
         running = self._running
         self._finish_heap = [(t + r.max_new_tokens - r.num_output, r.order, r) for r in running]
-        self._grow_heap = [(t + len(r.blocks) * bs - r.num_computed, r.order, r) for r in running]
         heapify(self._finish_heap)
-        heapify(self._grow_heap)
+        grow: list[dict[_Request, None]] = [{} for _ in range(bs)]
+        for r in running:
+            spare = len(r.blocks) * bs - r.num_computed
+            assert 0 <= spare < bs, "blocks cover the computed tokens with less than a block to spare"
+            grow[(t + spare) % bs][r] = None
+        self._grow = grow
         self._heaps_ok = True
+
+    def _clock_out(self, r: _Request) -> None:
+        """Take a finishing request off the clock (counters synced, blocks still held)."""
+        self._grow[(self._clock + len(r.blocks) * self.block_size - r.num_computed) % self.block_size].pop(r)
 
     def _clock_in(self, admitted: list[tuple[_Request, int]]) -> None:
         """Put the requests admitted by a decode step that now decode on the clock."""
@@ -527,7 +537,7 @@ class SimEngine:
         for r, _ in admitted:
             if r.blocks and r.num_computed == r.n_prompt + r.num_output - 1:
                 heappush(self._finish_heap, (t + r.max_new_tokens - r.num_output, r.order, r))
-                heappush(self._grow_heap, (t + len(r.blocks) * bs - r.num_computed, r.order, r))
+                self._grow[(t + len(r.blocks) * bs - r.num_computed) % bs][r] = None
 
     def _decode_state(self) -> bool:
         """True when every running request is decoding; refreshes _ctx_sum when unknown."""
@@ -565,23 +575,13 @@ class SimEngine:
             self._build_heaps()
         t = self._clock
         t1 = self._clock = t + 1
-        grow = self._grow_heap
-        if grow and grow[0][0] == t:
+        growing = self._grow[t % self.block_size]
+        if growing:
             # The requests whose token at this tick opens a new block, in schedule order; one
             # allocation for them, handed out in that order (the blocks each would get
-            # allocating in turn). Entries of finished requests are dropped on the way.
-            growing: list[_Request] = []
-            bs = self.block_size
-            while grow and grow[0][0] == t:
-                _, order, r = grow[0]
-                if r.blocks:
-                    growing.append(r)
-                    heapreplace(grow, (t + bs, order, r))
-                else:
-                    heappop(grow)
-            if growing:
-                for r, b in zip(growing, pool.allocate(len(growing)), strict=True):
-                    r.blocks.append(b)
+            # allocating in turn).
+            for r, b in zip(growing, pool.allocate(len(growing)), strict=True):
+                r.blocks.append(b)
         fin = self._finish_heap
         finished: list[_Request] = []
         while fin and fin[0][0] == t1:
@@ -603,6 +603,7 @@ class SimEngine:
         ctx += batch
         for r in finished:
             self._sync(r)
+            self._clock_out(r)
             ctx -= r.num_computed + 1
             self._finish(r)
         self._ctx_sum = ctx
@@ -792,11 +793,13 @@ class SimEngine:
     def _extra_blocks(self, k: int) -> int:
         """Blocks the running batch needs for k more decode steps (heaps valid)."""
         bs = self.block_size
-        end = self._clock + k
+        t = self._clock
+        end = t + k
         total = 0
-        for g, _, r in self._grow_heap:
-            if g < end and r.blocks:
-                total += (end - 1 - g) // bs + 1
+        for j, grow in enumerate(self._grow):
+            g = t + (j - t) % bs  # the first tick at which these requests grow
+            if grow and g < end:
+                total += ((end - 1 - g) // bs + 1) * len(grow)
         return total
 
     def steps_until_event(self) -> int:
@@ -868,18 +871,14 @@ class SimEngine:
         cost = self._pricer.run(batch, ctx).cost(k)
         t = self._clock
         end = self._clock = t + k
-        grow = self._grow_heap
         growing: list[tuple[int, _Request, int]] = []
         total = 0
-        while grow and grow[0][0] < end:
-            g, order, r = grow[0]
-            if r.blocks:
+        for j, grow in enumerate(self._grow):
+            g = t + (j - t) % bs
+            if grow and g < end:
                 n = (end - 1 - g) // bs + 1
-                growing.append((order, r, n))
-                total += n
-                heapreplace(grow, (g + n * bs, order, r))
-            else:
-                heappop(grow)
+                total += n * len(grow)
+                growing += [(r.order, r, n) for r in grow]
         if growing:
             # One allocation, split in schedule order: the blocks each request would get
             # allocating in turn. (k single steps interleave the requests' allocations step by
@@ -900,6 +899,7 @@ class SimEngine:
         ctx += batch * k
         for r in finished:
             self._sync(r)
+            self._clock_out(r)
             ctx -= r.num_computed + 1
             self._finish(r)
         self._ctx_sum = ctx
