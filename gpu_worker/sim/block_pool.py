@@ -28,6 +28,7 @@ block on tables as large as the pool.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections import deque
@@ -53,6 +54,12 @@ def hash_block_tokens(parent: int | None, tokens: Sequence[int]) -> int:
     return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
 
 
+@functools.cache
+def _block_struct(block_size: int) -> struct.Struct:
+    """The payload of hash_block_tokens: parent hash, then the block's token ids."""
+    return struct.Struct(f"<Q{block_size}q")
+
+
 def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None = None) -> list[int]:
     """Chained hashes of the full blocks of token_ids (a trailing partial block is not hashed).
 
@@ -62,11 +69,16 @@ def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None =
     n_tokens = len(token_ids) // block_size * block_size
     if n_tokens == 0:
         return []
-    buf = struct.pack(f"<{n_tokens}q", *token_ids[:n_tokens])
-    width = 8 * block_size
-    prev = ((ROOT_PARENT_HASH if parent is None else parent) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
     blake2b = hashlib.blake2b
     from_bytes = int.from_bytes
+    p = (ROOT_PARENT_HASH if parent is None else parent) & 0xFFFFFFFFFFFFFFFF
+    if n_tokens == block_size:
+        # One block (a lookup needs only a prompt's first): parent and tokens packed at once.
+        payload = _block_struct(block_size).pack(p, *token_ids[:block_size])
+        return [from_bytes(blake2b(payload, digest_size=8).digest(), "little")]
+    buf = struct.pack(f"<{n_tokens}q", *token_ids[:n_tokens])
+    width = 8 * block_size
+    prev = p.to_bytes(8, "little")
     out: list[int] = []
     for start in range(0, len(buf), width):
         prev = blake2b(prev + buf[start : start + width], digest_size=8).digest()

@@ -104,7 +104,7 @@ class _LazyOutputs:
         epoch: _Epoch | None = None,
         k: int = 1,
         with_ids: bool = True,
-        tail: list[RequestOutput] | None = None,
+        tail: list[tuple[_Request, int]] | None = None,
         tokenizer: SimTokenizer | None = None,
         clock: int = 0,
     ) -> None:
@@ -125,8 +125,8 @@ class _LazyOutputs:
             epoch, clock = self._epoch, self._clock
             counts = [epoch.base(r) + clock for r in reqs] if epoch else []
             out = _decode_outputs(reqs, counts, self._k, self._with_ids, self._tokenizer)
-            if self._tail:
-                out.extend(self._tail)
+            if self._tail and self._tokenizer:
+                out += _sampled_outputs(self._tail, self._tokenizer)
             self._outputs = out
             self._reqs = self._tail = None
             self._epoch = None
@@ -158,6 +158,24 @@ def _fast_output(
         },
     )
     return out
+
+
+def _sampled_outputs(sampled: list[tuple[_Request, int]], tokenizer: SimTokenizer) -> list[RequestOutput]:
+    """Outputs of requests that sampled one token, the n-th, in a step (prefills reaching the
+    end of their prompt)."""
+    sample = tokenizer.sample
+    return [
+        _fast_output(
+            r.request_id,
+            [sample(r.seed, n - 1)],
+            1,
+            r.n_prompt,
+            r.num_cached_tokens,
+            n,
+            n >= r.max_new_tokens,
+        )
+        for r, n in sampled
+    ]
 
 
 def _decode_outputs(
@@ -607,7 +625,7 @@ class SimEngine:
             ctx -= r.num_computed + 1
             self._finish(r)
         self._ctx_sum = ctx
-        tail: list[RequestOutput] | None = None
+        tail: list[tuple[_Request, int]] | None = None
         any_finished = bool(finished)
         if admitted:
             tail = []
@@ -654,10 +672,11 @@ class SimEngine:
             budget -= n
         return budget
 
-    def _apply(self, scheduled: list[tuple[_Request, int]], outputs: list[RequestOutput]) -> bool:
-        """Advance scheduled requests by their tokens, sample where a request reaches its end,
-        finish those at their limit. Keeps _ctx_sum/_decode_only exact when they were known and
-        every scheduled request was a prefill admission; returns whether any finished."""
+    def _apply(self, scheduled: list[tuple[_Request, int]], sampled: list[tuple[_Request, int]]) -> bool:
+        """Advance scheduled requests by their tokens, sample where a request reaches its end
+        (appending (request, its output count) to sampled), finish those at their limit. Keeps
+        _ctx_sum/_decode_only exact when they were known and every scheduled request was a
+        prefill admission; returns whether any finished."""
         any_finished = False
         for req, n in scheduled:
             was_prefill = not (n == 1 and req.num_computed == req.num_tokens - 1)
@@ -672,10 +691,9 @@ class SimEngine:
                 else:
                     self._decode_only = False
                 continue
-            token = self.tokenizer.sample(req.seed, req.num_output)
             req.num_output += 1
             finished = req.num_output >= req.max_new_tokens
-            outputs.append(self._output(req, [token], 1, finished))
+            sampled.append((req, req.num_output))
             if finished:
                 any_finished = True
                 self._finish(req)
@@ -728,9 +746,10 @@ class SimEngine:
             return StepOutput(0.0, [], 0, 0.0, preempted)
 
         cost = self._price(scheduled)
-        outputs: list[RequestOutput] = []
-        if self._apply(scheduled, outputs):
+        sampled: list[tuple[_Request, int]] = []
+        if self._apply(scheduled, sampled):
             self._running = [r for r in running if r.blocks]
+        outputs = _sampled_outputs(sampled, self.tokenizer)
 
         num_scheduled = cfg.max_num_batched_tokens - budget
         self._record(cost.seconds, len(outputs), cost.arithmetic_intensity, 1)
@@ -760,11 +779,6 @@ class SimEngine:
             prefill_new,
             prefill_ctx,
             prefill_attention_pairs=pairs,
-        )
-
-    def _output(self, req: _Request, ids: list[int], n: int, finished: bool) -> RequestOutput:
-        return _fast_output(
-            req.request_id, ids, n, req.n_prompt, req.num_cached_tokens, req.num_output, finished
         )
 
     def _finish(self, req: _Request) -> None:
@@ -871,25 +885,30 @@ class SimEngine:
         cost = self._pricer.run(batch, ctx).cost(k)
         t = self._clock
         end = self._clock = t + k
-        growing: list[tuple[int, _Request, int]] = []
+        growing: list[tuple[dict[_Request, None], int]] = []
         total = 0
         for j, grow in enumerate(self._grow):
             g = t + (j - t) % bs
             if grow and g < end:
                 n = (end - 1 - g) // bs + 1
                 total += n * len(grow)
-                growing += [(r.order, r, n) for r in grow]
+                growing.append((grow, n))
         if growing:
-            # One allocation, split in schedule order: the blocks each request would get
-            # allocating in turn. (k single steps interleave the requests' allocations step by
-            # step: the same blocks leave the queue, evicting the same hashes in the same
-            # order; only which request holds which block id differs, which nothing observes.)
-            growing.sort()
+            # One allocation, split by residue class. (k single steps interleave the requests'
+            # allocations step by step: the same blocks leave the queue, evicting the same
+            # hashes in the same order; only which request holds which block id differs, which
+            # nothing observes.)
             got = self.pool.allocate(total)
             i = 0
-            for _, r, n in growing:
-                r.blocks += got[i : i + n]
-                i += n
+            for grow, n in growing:
+                if n == 1:
+                    for r, b in zip(grow, got[i : i + len(grow)], strict=True):
+                        r.blocks.append(b)
+                    i += len(grow)
+                else:
+                    for r in grow:
+                        r.blocks += got[i : i + n]
+                        i += n
         fin = self._finish_heap
         finished: list[_Request] = []
         while fin and fin[0][0] <= end:

@@ -18,6 +18,10 @@ def test_block_hashes_chain_and_skip_partial_block() -> None:
     # Stable value (blake2b), pinned so a change of hash function is noticed.
     assert hash_block_tokens(None, [1, 2, 3]) == hash_block_tokens(None, [1, 2, 3])
     assert 0 <= hs[0] < 2**64
+    # A single block (packed with its parent in one go) chains the same way, from any parent.
+    for parent in (None, hs[0], 2**64 - 1):
+        assert block_hashes(tokens[16:33], 16, parent) == [hash_block_tokens(parent, tokens[16:32])]
+        assert block_hashes(range(16, 32), 16, parent) == [hash_block_tokens(parent, tokens[16:32])]
 
 
 def test_allocate_free_counts() -> None:
