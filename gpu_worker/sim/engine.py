@@ -123,7 +123,12 @@ class _LazyOutputs:
         if out is None:
             reqs = self._reqs or []
             epoch, clock = self._epoch, self._clock
-            counts = [epoch.base(r) + clock for r in reqs] if epoch else []
+            if epoch is None:
+                counts = []
+            elif epoch.bases is None:
+                counts = [r.num_output - r.t0 + clock for r in reqs]
+            else:
+                counts = [epoch.base(r) + clock for r in reqs]
             out = _decode_outputs(reqs, counts, self._k, self._with_ids, self._tokenizer)
             if self._tail and self._tokenizer:
                 out += _sampled_outputs(self._tail, self._tokenizer)
@@ -403,6 +408,10 @@ class SimEngine:
         self._clock = 0
         self._admissions = 0
         self._grow: list[dict[_Request, None]] = []
+        # Blocks allocated for decode growth and not yet appended to their requests' `blocks`:
+        # block ids are labels nothing observes, so a request takes its due count from here
+        # when it leaves the clock (_sync) instead of every growth touching it.
+        self._grown: list[int] = []
         self._finish_heap: list[tuple[int, int, _Request]] = []
         self._heaps_ok = False
         self._epoch = _Epoch()
@@ -512,21 +521,24 @@ class SimEngine:
     # -- stepping ---------------------------------------------------------------------
 
     def _sync(self, req: _Request) -> None:
-        """Bring a running request's counters up to the clock."""
+        """Bring a running request's counters up to the clock and hand it the blocks it grew
+        by meanwhile (its blocks cover its computed tokens)."""
         d = self._clock - req.t0
         if d:
-            req.num_computed += d
+            c = req.num_computed = req.num_computed + d
             req.num_output += d
             req.t0 = self._clock
+            owed = -(-c // self.block_size) - len(req.blocks)
+            if owed > 0:
+                grown = self._grown
+                req.blocks += grown[-owed:]
+                del grown[-owed:]
 
     def _sync_running(self) -> None:
-        clock = self._clock
         for r in self._running:
-            d = clock - r.t0
-            if d:
-                r.num_computed += d
-                r.num_output += d
-                r.t0 = clock
+            self._sync(r)
+        if self._grown:
+            raise EngineError(f"{len(self._grown)} blocks grown on the clock are owned by no request")
 
     def _build_heaps(self) -> None:
         """The clock's heaps for a running batch that only decodes."""
@@ -539,14 +551,18 @@ class SimEngine:
         grow: list[dict[_Request, None]] = [{} for _ in range(bs)]
         for r in running:
             spare = len(r.blocks) * bs - r.num_computed
-            assert 0 <= spare < bs, "blocks cover the computed tokens with less than a block to spare"
+            if not 0 <= spare < bs:
+                raise EngineError(
+                    f"request {r.request_id!r}: {len(r.blocks)} blocks for {r.num_computed} tokens"
+                )
             grow[(t + spare) % bs][r] = None
         self._grow = grow
         self._heaps_ok = True
 
     def _clock_out(self, r: _Request) -> None:
         """Take a finishing request off the clock (counters synced, blocks still held)."""
-        self._grow[(self._clock + len(r.blocks) * self.block_size - r.num_computed) % self.block_size].pop(r)
+        bs = self.block_size
+        self._grow[(self._clock - r.num_computed) % bs].pop(r)
 
     def _clock_in(self, admitted: list[tuple[_Request, int]]) -> None:
         """Put the requests admitted by a decode step that now decode on the clock."""
@@ -555,7 +571,7 @@ class SimEngine:
         for r, _ in admitted:
             if r.blocks and r.num_computed == r.n_prompt + r.num_output - 1:
                 heappush(self._finish_heap, (t + r.max_new_tokens - r.num_output, r.order, r))
-                self._grow[(t + len(r.blocks) * bs - r.num_computed) % bs][r] = None
+                self._grow[(t - r.num_computed) % bs][r] = None
 
     def _decode_state(self) -> bool:
         """True when every running request is decoding; refreshes _ctx_sum when unknown."""
@@ -595,11 +611,9 @@ class SimEngine:
         t1 = self._clock = t + 1
         growing = self._grow[t % self.block_size]
         if growing:
-            # The requests whose token at this tick opens a new block, in schedule order; one
-            # allocation for them, handed out in that order (the blocks each would get
-            # allocating in turn).
-            for r, b in zip(growing, pool.allocate(len(growing)), strict=True):
-                r.blocks.append(b)
+            # One allocation for the requests whose token at this tick opens a new block (the
+            # blocks they would take allocating in turn), owed to them until they sync.
+            self._grown += pool.allocate(len(growing))
         fin = self._finish_heap
         finished: list[_Request] = []
         while fin and fin[0][0] == t1:
@@ -885,30 +899,17 @@ class SimEngine:
         cost = self._pricer.run(batch, ctx).cost(k)
         t = self._clock
         end = self._clock = t + k
-        growing: list[tuple[dict[_Request, None], int]] = []
         total = 0
         for j, grow in enumerate(self._grow):
             g = t + (j - t) % bs
             if grow and g < end:
-                n = (end - 1 - g) // bs + 1
-                total += n * len(grow)
-                growing.append((grow, n))
-        if growing:
-            # One allocation, split by residue class. (k single steps interleave the requests'
-            # allocations step by step: the same blocks leave the queue, evicting the same
-            # hashes in the same order; only which request holds which block id differs, which
-            # nothing observes.)
-            got = self.pool.allocate(total)
-            i = 0
-            for grow, n in growing:
-                if n == 1:
-                    for r, b in zip(grow, got[i : i + len(grow)], strict=True):
-                        r.blocks.append(b)
-                    i += len(grow)
-                else:
-                    for r in grow:
-                        r.blocks += got[i : i + n]
-                        i += n
+                total += ((end - 1 - g) // bs + 1) * len(grow)
+        if total:
+            # One allocation for all the growth, owed to the requests until they sync. (k single
+            # steps interleave the requests' allocations step by step: the same blocks leave the
+            # queue, evicting the same hashes in the same order; only which request holds which
+            # block id differs, which nothing observes.)
+            self._grown += self.pool.allocate(total)
         fin = self._finish_heap
         finished: list[_Request] = []
         while fin and fin[0][0] <= end:
