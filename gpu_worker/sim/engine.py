@@ -763,11 +763,12 @@ class SimEngine:
         sampled: list[tuple[_Request, int]] = []
         if self._apply(scheduled, sampled):
             self._running = [r for r in running if r.blocks]
-        outputs = _sampled_outputs(sampled, self.tokenizer)
 
         num_scheduled = cfg.max_num_batched_tokens - budget
-        self._record(cost.seconds, len(outputs), cost.arithmetic_intensity, 1)
-        return StepOutput(cost.seconds, outputs, num_scheduled, cost.arithmetic_intensity, preempted)
+        self._record(cost.seconds, len(sampled), cost.arithmetic_intensity, 1)
+        out = StepOutput(cost.seconds, None, num_scheduled, cost.arithmetic_intensity, preempted)
+        out._init_lazy(None, None, None, 1, True, sampled, self.tokenizer)
+        return out
 
     def _price(
         self, scheduled: list[tuple[_Request, int]], decode_ctx: int = 0, num_decode: int = 0
