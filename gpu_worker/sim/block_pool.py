@@ -180,15 +180,13 @@ class _Chunk:
         return max(0, min(self.top + 1, self.hi) - self.lo)
 
 
-class _Span:
-    """Removed-event entry: the hashes of seq's positions top, top - 1, ..., bottom."""
-
-    __slots__ = ("bottom", "seq", "top")
-
-    def __init__(self, seq: object, top: int, bottom: int) -> None:
-        self.seq = seq
-        self.top = top
-        self.bottom = bottom
+# Event entries about a sequence's positions are written inline, four list items after one of
+# these markers, rather than as an object each: the events of a run that never takes them
+# (a bench) are otherwise the bulk of what the cyclic GC keeps traversing.
+# Stored: _SEQ_RANGE, seq, lo, hi -- the hashes of positions lo .. hi - 1.
+_SEQ_RANGE = object()
+# Removed: _SEQ_DOWN, seq, top, bottom -- the hashes of positions top, top - 1, ..., bottom.
+_SEQ_DOWN = object()
 
 
 def _counts(runs: tuple[_Run, ...]) -> list[tuple[_Run, int]]:
@@ -246,8 +244,9 @@ class BlockPool:
         # Blocks cached by hash alone (cache_block/cache_blocks): their roots are unknown, so
         # while any exist every registration is eager.
         self._untracked = 0
-        # Events in order. A lazy stored entry is (sequence, lo, hi); removed hashes come in
-        # lists of ints and (run, block) pairs, or as (runs, blocks) when all are lazy.
+        # Events in order. Stored hashes are ints or _SEQ_RANGE groups; removed hashes come in
+        # lists of ints and (run, block) pairs, as (runs, blocks) when all are lazy, or as
+        # _SEQ_DOWN groups.
         self._stored: list[Any] = []
         self._removed: list[Any] = []
         self._all_cleared = False
@@ -416,7 +415,7 @@ class BlockPool:
             self._num_pending += len(ids)
             grp.runs.append(run)
             grp.count += len(ids)
-            self._stored.append((seq, start, stop))
+            self._stored += (_SEQ_RANGE, seq, start, stop)
             return
         cached, stored, hashes = self._cached, self._stored, self._hash
         tracked = grp.tracked
@@ -594,13 +593,17 @@ class BlockPool:
                 self._lazy_cached -= c
                 self._num_cached_free -= c
                 removed = self._removed
-                last = removed[-1] if removed else None
-                if type(last) is _Span and last.seq is ch.seq and last.bottom == hi + 1:
+                if (
+                    len(removed) >= 4
+                    and removed[-4] is _SEQ_DOWN
+                    and removed[-3] is ch.seq
+                    and removed[-1] == hi + 1
+                ):
                     # The rest of the range the last eviction took (decode growth takes a few
                     # blocks at a time): one entry per chunk keeps the event backlog small.
-                    last.bottom = lo
+                    removed[-1] = lo
                 else:
-                    removed.append(_Span(ch.seq, hi, lo))
+                    removed += (_SEQ_DOWN, ch.seq, hi, lo)
                 grp = ch.grp
                 grp.count -= c
                 if not grp.count:
@@ -770,22 +773,25 @@ class BlockPool:
     def _stored_hashes(self) -> list[int]:
         out: list[int] = []
         hasher = self._hasher
-        for e in self._stored:
-            if type(e) is int:
-                out.append(e)
-            else:
+        it = iter(self._stored)
+        for e in it:
+            if e is _SEQ_RANGE:
                 assert hasher is not None
-                seq, lo, hi = e
+                seq, lo, hi = next(it), next(it), next(it)
                 out += hasher(seq, hi)[lo:hi]
+            else:
+                out.append(e)
         return out
 
     def _removed_hashes(self) -> list[int]:
         out: list[int] = []
         hasher = self._hasher
-        for e in self._removed:
-            if type(e) is _Span:
+        it = iter(self._removed)
+        for e in it:
+            if e is _SEQ_DOWN:
                 assert hasher is not None
-                out += hasher(e.seq, e.top + 1)[e.top : e.bottom - 1 if e.bottom else None : -1]
+                seq, top, bottom = next(it), next(it), next(it)
+                out += hasher(seq, top + 1)[top : bottom - 1 if bottom else None : -1]
                 continue
             if type(e) is tuple:
                 e = list(zip(*e, strict=True))
