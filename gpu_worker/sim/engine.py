@@ -269,6 +269,12 @@ class JumpOutput(_LazyOutputs):
         )
 
 
+# The blocks of every request that holds none (waiting or done): shared, never mutated (a
+# request is given a list of its own when admitted), so that finished requests the KV events
+# still refer to keep no list each for the cyclic GC to track.
+_NO_BLOCKS: list[int] = []
+
+
 class _Request:
     __slots__ = (
         "blocks",
@@ -302,7 +308,7 @@ class _Request:
         self.num_output = 0
         # Tokens whose KV is in the cache; the newest sampled token is never computed yet.
         self.num_computed = 0
-        self.blocks: list[int] = []
+        self.blocks = _NO_BLOCKS
         # Leading entries of `blocks` already registered in (or taken from) the prefix cache.
         self.num_cached_blocks = 0
         self.num_cached_tokens = -1  # set at first admission
@@ -495,7 +501,7 @@ class SimEngine:
         self._cache_computed_blocks(req)
         # Tail first: the end of a sequence is the least likely to be shared, so evict it first.
         self.pool.release(req, req.blocks)
-        req.blocks = []
+        req.blocks = _NO_BLOCKS
         req.num_cached_blocks = 0
         req.num_computed = 0
 

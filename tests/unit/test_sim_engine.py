@@ -17,6 +17,7 @@ from gpu_worker.sim import (
     decode_run_cost,
     render_chat,
 )
+from gpu_worker.sim import engine as sim_engine
 
 
 def make(**kw: object) -> SimEngine:
@@ -38,6 +39,7 @@ def run_to_end(engine: SimEngine, max_steps: int = 100_000) -> dict[str, list[in
 def assert_drained(engine: SimEngine) -> None:
     pool = engine.pool
     pool.check_invariants()
+    assert sim_engine._NO_BLOCKS == []
     assert pool.num_used == 0
     assert pool.num_free == pool.num_blocks
     assert engine.stats().num_blocks_used == 0
