@@ -304,7 +304,9 @@ async def _suppress_redis_errors(coro: Coroutine[Any, Any, None]) -> None:
     try:
         await coro
     except redis.exceptions.RedisError as exc:
-        log.warning("pin not recorded (Redis: %s); the session's next turn is placed afresh", exc)
+        # A pin write or a give-back: the session's next turn is looked up afresh, and a
+        # reservation not released expires with its ttl.
+        log.warning("background Redis write failed (%s); nothing depends on it", exc)
 
 
 def _validate(request: scheduler_pb2.PlaceRequest) -> str:
