@@ -113,13 +113,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         else:
             pinned, prefix_hits = await self._store.lookup(request.session_id, serving, block_hashes)
         self._pin_hints.remember(request.session_id, pinned)
+        # The lookup told the guess nothing new (the pin it assumed, no cached prefix anywhere):
+        # deciding again would repeat it on the same inputs.
+        unchanged = pinned == placement.pinned_worker and not prefix_hits
         placement = dataclasses.replace(placement, pinned_worker=pinned, prefix_hit_blocks=prefix_hits)
         # Re-read the snapshot after the lookup's await: reservations that concurrent placements
         # began meanwhile must count, or a burst piles onto one worker. The guess's own
         # reservation must not: decide as if it were not there yet (no await until it is back).
         fleet = await self._fleet.get()
-        if not reads_lookup and guess is not None:
-            # The lookup cannot change this policy's choice; the pin only names the outcome.
+        if guess is not None and (not reads_lookup or (early and unchanged)):
+            # The lookup cannot change this choice; the pin only names the outcome.
             decision = (
                 dataclasses.replace(guess, pinned_worker=pinned) if isinstance(guess, Placed) else guess
             )

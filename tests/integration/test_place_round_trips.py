@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
@@ -91,12 +92,23 @@ async def test_first_turns_and_stateless_turns_are_placed_in_one_round_trip(
     await _report(store, "idle", used_blocks=0)
     await _report(store, "busy", used_blocks=800)
     servicer = await _servicer_with_scripts_loaded(store)
+    decisions = 0
+    place = servicer._policy.place
+
+    def counted(*args: Any) -> Any:
+        nonlocal decisions
+        decisions += 1
+        return place(*args)
+
+    servicer._policy.place = counted  # type: ignore[method-assign]
     for request_id, session_id, first_turn in (("r1", "s1", True), ("r2", "", False)):
-        writes[0] = 0
+        writes[0] = decisions = 0
         response = await servicer._place(_request(request_id, session_id, first_turn))
         assert response.placed.worker_id == "idle"
         assert response.placed.outcome == scheduler_pb2.PLACE_OUTCOME_NEW
         assert writes[0] == 1, (session_id, writes[0])
+        # No pin and no cached prefix anywhere: the lookup changed nothing, so no second decision.
+        assert decisions == 1
     assert await store.reserved_tokens("idle") == 2 * 160
     await _settle(servicer)
 
