@@ -526,6 +526,20 @@ class BlockPool:
         return taken
 
     def allocate(self, n: int) -> list[int]:
+        lazy = self._lazy
+        if lazy and self._fresh == self.num_blocks:
+            # The steady state: the head of the queue is a chunk with n entries left.
+            ch = lazy[0]
+            head = self._head
+            if not ch.dead and ch.start - self._base == head and n <= ch.end - ch.start:
+                out = self._queue[head : head + n]
+                head = self._head = head + n
+                self._take_from_chunk(ch, n)
+                if head > 4096 and 2 * head > len(self._queue):
+                    del self._queue[:head]
+                    self._base += head
+                    self._head = 0
+                return out
         if n > self.num_free:
             raise BlockPoolError(f"cannot allocate {n} blocks, {self.num_free} free")
         fresh = self._fresh
@@ -581,37 +595,42 @@ class BlockPool:
             m = min(n, ch.end - ch.start)
             out += queue[head : head + m]
             self._head = head + m
-            ch.start += m
             n -= m
-            self._lazy_live -= m
-            top = ch.top
-            ch.top = top - m
-            hi = min(top, ch.hi - 1)
-            lo = max(top - m + 1, ch.lo)
-            if hi >= lo:
-                c = hi - lo + 1
-                self._lazy_cached -= c
-                self._num_cached_free -= c
-                removed = self._removed
-                if (
-                    len(removed) >= 4
-                    and removed[-4] is _SEQ_DOWN
-                    and removed[-3] is ch.seq
-                    and removed[-1] == hi + 1
-                ):
-                    # The rest of the range the last eviction took (decode growth takes a few
-                    # blocks at a time): one entry per chunk keeps the event backlog small.
-                    removed[-1] = lo
-                else:
-                    removed += (_SEQ_DOWN, ch.seq, hi, lo)
-                grp = ch.grp
-                grp.count -= c
-                if not grp.count:
-                    del self._groups[grp.root]
-                    grp.unlink()
-            if ch.start == ch.end:
-                ch.dead = True
-                lazy.popleft()
+            self._take_from_chunk(ch, m)
+
+    def _take_from_chunk(self, ch: _Chunk, m: int) -> None:
+        """Account for the next m entries of the chunk at the queue's head, just taken:
+        evict their cached positions as one range."""
+        ch.start += m
+        self._lazy_live -= m
+        top = ch.top
+        ch.top = top - m
+        hi = min(top, ch.hi - 1)
+        lo = max(top - m + 1, ch.lo)
+        if hi >= lo:
+            c = hi - lo + 1
+            self._lazy_cached -= c
+            self._num_cached_free -= c
+            removed = self._removed
+            if (
+                len(removed) >= 4
+                and removed[-4] is _SEQ_DOWN
+                and removed[-3] is ch.seq
+                and removed[-1] == hi + 1
+            ):
+                # The rest of the range the last eviction took (decode growth takes a few
+                # blocks at a time): one entry per chunk keeps the event backlog small.
+                removed[-1] = lo
+            else:
+                removed += (_SEQ_DOWN, ch.seq, hi, lo)
+            grp = ch.grp
+            grp.count -= c
+            if not grp.count:
+                del self._groups[grp.root]
+                grp.unlink()
+        if ch.start == ch.end:
+            ch.dead = True
+            self._lazy.popleft()
 
     def allocate_one(self) -> int:
         """allocate(1)[0] without the list."""
@@ -667,11 +686,15 @@ class BlockPool:
                 n += len(run.ids)
         lo = runs[0].start
         hi = runs[-1].start + len(runs[-1].ids)
-        tail = blocks[hi:]
         block_run = self._run
-        if n == hi - lo and (
-            not tail or (block_run.keys().isdisjoint(tail) and self._extra_refs.keys().isdisjoint(tail))
-        ):
+        chunk = n == hi - lo
+        if chunk and hi < len(blocks):
+            extra = self._extra_refs
+            for b in blocks[hi:]:  # usually the partial last block alone
+                if b in block_run or b in extra:
+                    chunk = False
+                    break
+        if chunk:
             for run in runs:
                 run.pending = False
             self._num_pending -= n

@@ -173,3 +173,25 @@ def test_lazy_never_used_blocks_keep_the_queue_order() -> None:
                     held.append(b)
             assert pool.num_free == len(queue)
             pool.check_invariants()
+
+
+def test_chunks_taken_whole_drop_the_consumed_queue_front() -> None:
+    """Sequences released as chunks and allocated again chunk by chunk: the queue's consumed
+    front is dropped along the way and the evictions are the released sequences' hashes."""
+    seqs = [tuple(range(i * 10**6, i * 10**6 + 300)) for i in range(40)]
+
+    def hasher(seq: tuple[int, ...], n: int) -> list[int]:
+        return block_hashes(seq[:n], 1)
+
+    pool = BlockPool(600, hasher=hasher)
+    for i, seq in enumerate(seqs):
+        blocks = pool.allocate(300)
+        pool.cache_seq_blocks(seq, blocks, 0, 300)
+        pool.release(seq, blocks)
+        pool.check_invariants()
+        assert pool.num_free == 600 and pool.num_cached == min(i + 1, 2) * 300
+        events = pool.take_events()
+        assert events.stored == hasher(seq, 300)
+        # The allocation evicted the sequence released two rounds earlier, tail first.
+        assert events.removed == (hasher(seqs[i - 2], 300)[::-1] if i >= 2 else [])
+    assert pool._base > 0
