@@ -21,8 +21,11 @@ async def lagging_read(merge_chunks: bool) -> list[EngineChunk]:
         request = EngineRequest("r1", [ChatMessage("user", "Tell me about KV caches.")], TOKENS, seed=7)
         stream = engine.generate(request)
         chunks = [await anext(stream)]
+        # Until the final chunk is queued for this stream (not merely computed: the step loop
+        # hands a step's outputs over after pacing it), so the rest is waiting, all of it.
+        queue = engine._streams["r1"]
         for _ in range(10_000):
-            if engine.stats().running == 0 and engine.stats().waiting == 0:
+            if queue.qsize() and queue._queue[-1].finished:  # type: ignore[attr-defined]
                 break
             await asyncio.sleep(0.001)
         chunks += [chunk async for chunk in stream]
