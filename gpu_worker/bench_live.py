@@ -101,17 +101,18 @@ def _worker(mqtt_url: str, time_scale: float, streams: int) -> Iterator[tuple[st
             proc.wait(15)
 
 
-def _prompt(stream: int, words: int) -> str:
-    # Distinct words per stream: no prefix is shared, as in the virtual-clock model below.
-    return " ".join(f"s{stream}w{i}" for i in range(words))
+def _prompt(stream: int, words: int, tag: str) -> str:
+    # Distinct words per stream and per round: no prefix is shared, nor cached from an earlier
+    # round (its prefill would be skipped), as in the virtual-clock model below.
+    return " ".join(f"{tag}s{stream}w{i}" for i in range(words))
 
 
-async def _generate(stub: Any, stream: int, words: int, tokens: int) -> tuple[int, int]:
+async def _generate(stub: Any, stream: int, words: int, tokens: int, tag: str = "") -> tuple[int, int]:
     """(completion tokens, prompt tokens) of one stream."""
     request = worker_pb2.GenerateRequest(
         request_id=uuid.uuid4().hex,
         session_id=f"bench-{stream}",
-        messages=[common_pb2.Message(role="user", content=_prompt(stream, words))],
+        messages=[common_pb2.Message(role="user", content=_prompt(stream, words, tag))],
         max_tokens=tokens,
         seed=stream,
     )
@@ -129,11 +130,12 @@ async def _wait_ready(address: str) -> None:
 
 
 async def _live_round(address: str, pid: int, streams: int, words: int, tokens: int) -> LiveRound:
+    tag = uuid.uuid4().hex[:6]
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
         cpu = process_cpu_s(pid)
         started = time.perf_counter()
-        results = await asyncio.gather(*[_generate(stub, s, words, tokens) for s in range(streams)])
+        results = await asyncio.gather(*[_generate(stub, s, words, tokens, tag) for s in range(streams)])
         wall = time.perf_counter() - started
         cpu = process_cpu_s(pid) - cpu
     return LiveRound(wall, sum(c for c, _ in results), [p for _, p in results], cpu)
