@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         await run_until_signalled("scheduler", service.start, service.stop)
 
     try:
-        run_event_loop(main())  # MQTT runs on its own thread and loop (ingest_thread.py)
+        run_event_loop(main())  # MQTT runs on its own thread and loop (kvgate/loop_thread.py)
     except ValueError as exc:
         print(f"kvgate scheduler: {exc}", file=sys.stderr)
         return 2

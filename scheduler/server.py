@@ -49,7 +49,7 @@ class SchedulerService:
         )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.host.server)
         replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
-        # Its own thread and asyncio loop: see ingest_thread.py for why not this (uvloop) loop.
+        # Its own thread and asyncio loop: see kvgate/loop_thread.py for why not this (uvloop) loop.
         self.ingest = IngestThread(
             MqttUrl.parse(settings.mqtt_url),
             settings.redis_url,
