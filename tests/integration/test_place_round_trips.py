@@ -53,21 +53,18 @@ async def _report(store: FleetStore, worker_id: str, used_blocks: int) -> None:
     )  # fmt: skip
 
 
-async def _servicer_with_scripts_loaded(store: FleetStore) -> SchedulerServicer:
+async def _servicer_with_scripts_loaded(store: FleetStore, policy: str = "kvgate") -> SchedulerServicer:
     """A servicer whose fleet snapshot is read (in service it refreshes in the background) and
     whose Lua scripts Redis already has (the first EVALSHA of a process loads them: two more
     round trips, once)."""
     await store.reserve("nobody", "warm-up", 1)
-    servicer = _servicer(store)
-    await servicer._fleet.get()
-    return servicer
 
-
-def _servicer(store: FleetStore) -> SchedulerServicer:
     async def no_drain(worker_id: str) -> None:
         pass
 
-    return SchedulerServicer(store, FleetCache(store, max_age_s=3600), make_policy("kvgate"), no_drain)
+    servicer = SchedulerServicer(store, FleetCache(store, max_age_s=3600), make_policy(policy), no_drain)
+    await servicer._fleet.get()
+    return servicer
 
 
 def _request(request_id: str, session_id: str, first_turn: bool = False) -> scheduler_pb2.PlaceRequest:
@@ -184,14 +181,7 @@ async def test_a_baseline_policy_decides_once_per_placement(store: FleetStore, w
         await _report(store, worker_id, used_blocks=0)
     await store.record_placement("old", "w2", None, "new")
 
-    async def no_drain(worker_id: str) -> None:
-        pass
-
-    servicer = SchedulerServicer(
-        store, FleetCache(store, max_age_s=3600), make_policy("round-robin"), no_drain
-    )
-    await store.reserve("nobody", "warm-up", 1)
-    await servicer._fleet.get()
+    servicer = await _servicer_with_scripts_loaded(store, "round-robin")
     chosen, outcomes = [], []
     for i, session_id in enumerate(("a", "b", "old", "")):
         writes[0] = 0
