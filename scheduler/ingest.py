@@ -35,7 +35,10 @@ class TelemetryIngest:
         self._pending_offline: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
-        backoff = Backoff()
+        # Capped at 2 s: while no ingest is connected the fleet's ages are frozen (placements go
+        # on with the last telemetry), so a scheduler back soon after the broker matters more
+        # than sparing the broker a handful of replicas' connection attempts.
+        backoff = Backoff(cap_s=2.0)
         while True:
             try:
                 async with self._broker.client(self._client_id, keepalive_s=10) as client:
