@@ -5,8 +5,11 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
+import redis.asyncio
 
 from kvgate.containers import MosquittoServer, RedisServer
+from scheduler import redis_mux
+from scheduler.store import FleetStore, StoreSettings
 from tests.integration.fleet import Fleet
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
@@ -38,6 +41,31 @@ def clean_redis(redis_server: RedisServer) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture
+async def store(clean_redis: str) -> AsyncIterator[FleetStore]:
+    """A scheduler's Redis state store on a clean database, without the services around it."""
+    client = redis.asyncio.Redis.from_url(clean_redis)
+    s = FleetStore(client, StoreSettings())
+    yield s
+    await s.aclose()
+    await client.aclose()
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the Redis connection's writes (one per round trip: commands of one tick share one)."""
+    count = [0]
+    flush = redis_mux._Protocol.flush
+
+    def counted(self: redis_mux._Protocol) -> None:
+        if self.out:
+            count[0] += 1
+        flush(self)
+
+    monkeypatch.setattr(redis_mux._Protocol, "flush", counted)
+    return count
 
 
 @pytest.fixture

@@ -16,9 +16,20 @@ from gateway.keystore import KeyStore
 from gateway.server import GatewayService, GatewaySettings
 from gpu_worker.server import WorkerService, WorkerSettings
 from kvgate.redis_conn import connect_redis
-from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc
+from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc, telemetry_pb2
 from scheduler.server import SchedulerService, SchedulerSettings
-from scheduler.store import StoreSettings
+from scheduler.store import FleetStore, StoreSettings
+
+
+async def report_worker(store: FleetStore, worker_id: str, used_blocks: int, seq: int = 1) -> None:
+    """Telemetry of a ready sim worker of model "m" with 1,000 KV blocks, straight into the store."""
+    await store.ingest_stats(
+        telemetry_pb2.WorkerStats(
+            worker_id=worker_id, region="us-east", address=f"{worker_id}:1", model="m", engine="sim",
+            state=telemetry_pb2.WORKER_LIFECYCLE_READY, block_size=16, num_blocks_total=1000,
+            num_blocks_used=used_blocks, seq=seq,
+        )
+    )  # fmt: skip
 
 
 @dataclass

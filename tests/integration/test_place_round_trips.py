@@ -5,52 +5,14 @@ guess is given back and nothing is left reserved on it. Against real Redis, coun
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-import redis.asyncio as redis
-
-from kvgate.v1 import scheduler_pb2, telemetry_pb2
-from scheduler import redis_mux
+from kvgate.v1 import scheduler_pb2
 from scheduler.fleet_cache import FleetCache
 from scheduler.policy import make_policy
 from scheduler.servicer import SchedulerServicer
-from scheduler.store import FleetStore, StoreSettings
-
-
-@pytest.fixture
-async def store(clean_redis: str) -> AsyncIterator[FleetStore]:
-    client = redis.Redis.from_url(clean_redis)
-    s = FleetStore(client, StoreSettings())
-    yield s
-    await s.aclose()
-    await client.aclose()
-
-
-@pytest.fixture
-def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the Redis connection's writes (one per round trip: commands of one tick share one)."""
-    count = [0]
-    flush = redis_mux._Protocol.flush
-
-    def counted(self: redis_mux._Protocol) -> None:
-        if self.out:
-            count[0] += 1
-        flush(self)
-
-    monkeypatch.setattr(redis_mux._Protocol, "flush", counted)
-    return count
-
-
-async def _report(store: FleetStore, worker_id: str, used_blocks: int) -> None:
-    await store.ingest_stats(
-        telemetry_pb2.WorkerStats(
-            worker_id=worker_id, region="us-east", address=f"{worker_id}:1", model="m", engine="sim",
-            state=telemetry_pb2.WORKER_LIFECYCLE_READY, block_size=16, num_blocks_total=1000,
-            num_blocks_used=used_blocks, seq=1,
-        )
-    )  # fmt: skip
+from scheduler.store import FleetStore
+from tests.integration.fleet import report_worker
 
 
 async def _servicer_with_scripts_loaded(store: FleetStore, policy: str = "kvgate") -> SchedulerServicer:
@@ -86,8 +48,8 @@ async def _settle(servicer: SchedulerServicer) -> None:
 async def test_first_turns_and_stateless_turns_are_placed_in_one_round_trip(
     store: FleetStore, writes: list[int]
 ) -> None:
-    await _report(store, "idle", used_blocks=0)
-    await _report(store, "busy", used_blocks=800)
+    await report_worker(store, "idle", used_blocks=0)
+    await report_worker(store, "busy", used_blocks=800)
     servicer = await _servicer_with_scripts_loaded(store)
     decisions = 0
     place = servicer._policy.place
@@ -113,8 +75,8 @@ async def test_first_turns_and_stateless_turns_are_placed_in_one_round_trip(
 async def test_a_pin_this_replica_has_not_seen_is_looked_up_first_then_remembered(
     store: FleetStore, writes: list[int]
 ) -> None:
-    await _report(store, "idle", used_blocks=0)
-    await _report(store, "holder", used_blocks=500)
+    await report_worker(store, "idle", used_blocks=0)
+    await report_worker(store, "holder", used_blocks=500)
     # Another replica placed the session's last turn on "holder".
     await store.record_placement("s2", "holder", None, "new")
     servicer = await _servicer_with_scripts_loaded(store)
@@ -135,8 +97,8 @@ async def test_a_pin_this_replica_has_not_seen_is_looked_up_first_then_remembere
 async def test_a_stale_pin_hint_costs_a_round_trip_and_leaves_no_reservation(
     store: FleetStore, writes: list[int]
 ) -> None:
-    await _report(store, "a", used_blocks=0)
-    await _report(store, "b", used_blocks=500)
+    await report_worker(store, "a", used_blocks=0)
+    await report_worker(store, "b", used_blocks=500)
     servicer = await _servicer_with_scripts_loaded(store)
     first = await servicer._place(_request("r5", "s5", first_turn=True))
     assert first.placed.worker_id == "a"
@@ -162,8 +124,8 @@ async def test_a_stale_pin_hint_costs_a_round_trip_and_leaves_no_reservation(
 async def test_a_guess_that_finds_no_room_falls_back_to_the_next_candidate(
     store: FleetStore, writes: list[int]
 ) -> None:
-    await _report(store, "a", used_blocks=0)
-    await _report(store, "b", used_blocks=100)
+    await report_worker(store, "a", used_blocks=0)
+    await report_worker(store, "b", used_blocks=100)
     servicer = await _servicer_with_scripts_loaded(store)
     # Telemetry says "a" is empty, but another replica has just reserved all of it.
     assert (await store.reserve("a", "elsewhere", 16_000)).status.name == "RESERVED"
@@ -178,7 +140,7 @@ async def test_a_baseline_policy_decides_once_per_placement(store: FleetStore, w
     # Round-robin reads no pin: it decides before the lookup answers, and only once, so its
     # counter steps through the fleet one worker per placement.
     for worker_id in ("w0", "w1", "w2"):
-        await _report(store, worker_id, used_blocks=0)
+        await report_worker(store, worker_id, used_blocks=0)
     await store.record_placement("old", "w2", None, "new")
 
     servicer = await _servicer_with_scripts_loaded(store, "round-robin")

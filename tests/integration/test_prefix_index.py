@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from gateway.prompt import prompt_block_hashes
 from kvgate.redis_conn import connect_redis
@@ -91,39 +90,28 @@ async def test_the_block_index_follows_stores_removals_clears_duplicates_and_off
         await client.aclose()
 
 
-async def test_a_single_run_of_holders_is_looked_up_in_one_round_trip(clean_redis: str) -> None:
-    client = connect_redis(clean_redis)
-    store = FleetStore(client, StoreSettings())
-    round_trips = 0
-    execute_many = store._mux.execute_many
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal round_trips
-        round_trips += 1
-        return await execute_many(*args, **kwargs)
-
-    store._mux.execute_many = counted  # type: ignore[method-assign]
-    try:
-        stored = telemetry_pb2.KvEvents(worker_id="a", seq=1, stored_block_hashes=[21, 22, 23])
-        await store.ingest_kv(stored)
-        await store.ingest_kv(telemetry_pb2.KvEvents(worker_id="b", seq=1, stored_block_hashes=[21, 22, 23]))
-        await store.ingest_kv(telemetry_pb2.KvEvents(worker_id="c", seq=1, stored_block_hashes=[21]))
-        # A shared prefix followed by new tokens: one run of equal counts, one round trip.
-        round_trips = 0
-        assert (await store.lookup("s1", ["a", "b", "c"], [21, 22, 23, 24]))[1] == {"a": 3, "b": 3, "c": 1}
-        assert round_trips == 2  # (counts [3, 2, 2, 0]: two runs, two round trips)
-        round_trips = 0
-        assert (await store.lookup("s1", ["a", "b"], [21, 22, 23, 24]))[1] == {"a": 3, "b": 3}
-        assert round_trips == 2  # (c is not asked about but still counts in SCARD)
-        round_trips = 0
-        assert (await store.lookup("s1", ["a", "b", "c"], [22, 23, 99]))[1] == {"a": 2, "b": 2}
-        assert round_trips == 1
-        round_trips = 0
-        assert (await store.lookup("s1", ["a", "b", "c"], [99]))[1] == {}
-        assert round_trips == 1
-        # A stateless prompt shorter than a block: nothing to ask Redis.
-        round_trips = 0
-        assert await store.lookup("", ["a", "b", "c"], []) == (None, {})
-        assert round_trips == 0
-    finally:
-        await client.aclose()
+async def test_a_single_run_of_holders_is_looked_up_in_one_round_trip(
+    store: FleetStore, writes: list[int]
+) -> None:
+    stored = telemetry_pb2.KvEvents(worker_id="a", seq=1, stored_block_hashes=[21, 22, 23])
+    await store.ingest_kv(stored)
+    await store.ingest_kv(telemetry_pb2.KvEvents(worker_id="b", seq=1, stored_block_hashes=[21, 22, 23]))
+    await store.ingest_kv(telemetry_pb2.KvEvents(worker_id="c", seq=1, stored_block_hashes=[21]))
+    await store.lookup("warm-up", [], [])  # the connection's first write also carries its setup
+    # A shared prefix followed by new tokens: one run of equal counts, one round trip.
+    writes[0] = 0
+    assert (await store.lookup("s1", ["a", "b", "c"], [21, 22, 23, 24]))[1] == {"a": 3, "b": 3, "c": 1}
+    assert writes[0] == 2  # (counts [3, 2, 2, 0]: two runs, two round trips)
+    writes[0] = 0
+    assert (await store.lookup("s1", ["a", "b"], [21, 22, 23, 24]))[1] == {"a": 3, "b": 3}
+    assert writes[0] == 2  # (c is not asked about but still counts in SCARD)
+    writes[0] = 0
+    assert (await store.lookup("s1", ["a", "b", "c"], [22, 23, 99]))[1] == {"a": 2, "b": 2}
+    assert writes[0] == 1
+    writes[0] = 0
+    assert (await store.lookup("s1", ["a", "b", "c"], [99]))[1] == {}
+    assert writes[0] == 1
+    # A stateless prompt shorter than a block: nothing to ask Redis.
+    writes[0] = 0
+    assert await store.lookup("", ["a", "b", "c"], []) == (None, {})
+    assert writes[0] == 0

@@ -5,34 +5,11 @@ stay counted across refreshes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import pytest
-import redis.asyncio as redis
-
-from kvgate.v1 import telemetry_pb2
 from scheduler.fleet_cache import FleetCache
 from scheduler.policy import FleetView
-from scheduler.store import FleetStore, StoreSettings
-
-
-@pytest.fixture
-async def store(clean_redis: str) -> AsyncIterator[FleetStore]:
-    client = redis.Redis.from_url(clean_redis)
-    s = FleetStore(client, StoreSettings())
-    yield s
-    await s.aclose()
-    await client.aclose()
-
-
-async def _report(store: FleetStore, worker_id: str, used_blocks: int, seq: int) -> None:
-    await store.ingest_stats(
-        telemetry_pb2.WorkerStats(
-            worker_id=worker_id, region="us-east", address=f"{worker_id}:1", model="m", engine="sim",
-            state=telemetry_pb2.WORKER_LIFECYCLE_READY, block_size=16, num_blocks_total=1000,
-            num_blocks_used=used_blocks, seq=seq,
-        )
-    )  # fmt: skip
+from scheduler.store import FleetStore
+from tests.integration.fleet import report_worker
 
 
 async def _next_view(cache: FleetCache, old: FleetView) -> FleetView:
@@ -46,11 +23,11 @@ async def _next_view(cache: FleetCache, old: FleetView) -> FleetView:
 
 
 async def test_a_stale_snapshot_is_served_while_it_refreshes(store: FleetStore) -> None:
-    await _report(store, "w1", used_blocks=100, seq=1)
+    await report_worker(store, "w1", used_blocks=100, seq=1)
     cache = FleetCache(store, max_age_s=0.0)
     first = await cache.get()
     assert first.workers["w1"].num_blocks_used == 100
-    await _report(store, "w1", used_blocks=300, seq=2)
+    await report_worker(store, "w1", used_blocks=300, seq=2)
     # Past its age, but no placement waits: the same snapshot, a refresh under way.
     assert await cache.get() is first
     fresh = await _next_view(cache, first)
@@ -59,7 +36,7 @@ async def test_a_stale_snapshot_is_served_while_it_refreshes(store: FleetStore) 
 
 
 async def test_after_invalidate_the_next_get_reads_redis(store: FleetStore) -> None:
-    await _report(store, "w1", used_blocks=100, seq=1)
+    await report_worker(store, "w1", used_blocks=100, seq=1)
     cache = FleetCache(store, max_age_s=3600)
     assert (await cache.get()).workers["w1"].num_blocks_used == 100
     await store.set_draining("w1")
@@ -69,7 +46,7 @@ async def test_after_invalidate_the_next_get_reads_redis(store: FleetStore) -> N
 
 
 async def test_reservations_in_flight_stay_counted_across_refreshes(store: FleetStore) -> None:
-    await _report(store, "w1", used_blocks=0, seq=1)
+    await report_worker(store, "w1", used_blocks=0, seq=1)
     cache = FleetCache(store, max_age_s=0.0)
     first = await cache.get()
     cache.begin_reservation("w1", 500)
@@ -88,7 +65,7 @@ async def test_every_snapshot_read_sets_the_fleet_gauges(store: FleetStore) -> N
     def gauge(state: str) -> float | None:
         return REGISTRY.get_sample_value("kvgate_scheduler_fleet_kv_tokens", {"state": state})
 
-    await _report(store, "w1", used_blocks=250, seq=1)
+    await report_worker(store, "w1", used_blocks=250, seq=1)
     cache = FleetCache(store, max_age_s=3600)
     await cache.get()  # no FleetStatus call: the placements' own snapshot read sets them
     assert gauge("total") == 1000 * 16
