@@ -17,7 +17,7 @@ or the KV events; see block_pool).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
 
@@ -165,9 +165,9 @@ def _fast_output(
     return out
 
 
-def _sampled_outputs(sampled: list[tuple[_Request, int]], tokenizer: SimTokenizer) -> list[RequestOutput]:
+def _sampled_outputs(sampled: Iterable[tuple[_Request, int]], tokenizer: SimTokenizer) -> list[RequestOutput]:
     """Outputs of requests that sampled one token, the n-th, in a step (prefills reaching the
-    end of their prompt)."""
+    end of their prompt, or a one-step decode)."""
     sample = tokenizer.sample
     return [
         _fast_output(
@@ -192,19 +192,7 @@ def _decode_outputs(
             for r, n in zip(reqs, counts, strict=True)
         ]
     if k == 1:
-        sample = tokenizer.sample
-        return [
-            _fast_output(
-                r.request_id,
-                [sample(r.seed, n - 1)],
-                1,
-                r.n_prompt,
-                r.num_cached_tokens,
-                n,
-                n >= r.max_new_tokens,
-            )
-            for r, n in zip(reqs, counts, strict=True)
-        ]
+        return _sampled_outputs(zip(reqs, counts, strict=True), tokenizer)
     many = tokenizer.sample_many
     return [
         _fast_output(
