@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -410,6 +412,27 @@ def _add(engine: SimEngine, i: int, prompt: int, output: int, family: int) -> No
     engine.add_request(f"r{i}", [family * 1000 + t for t in range(prompt)], output, seed=i)
 
 
+def _feed(
+    workload: list[tuple[int, int, int, int]],
+    engines: Sequence[SimEngine],
+    advance: Callable[[], None],
+    after_arrival: Callable[[], None] = lambda: None,
+) -> None:
+    """Every request of the workload to every engine alike (one the engine refuses is refused by
+    all), each followed by its number of `advance()` calls while the first engine has work and
+    then `after_arrival()`. Draining what is left is the caller's."""
+    for i, (prompt, output, family, steps) in enumerate(workload):
+        for e in engines:
+            try:
+                _add(e, i, prompt, output, family)
+            except EngineError:
+                pass
+        for _ in range(steps):
+            if engines[0].has_unfinished():
+                advance()
+        after_arrival()
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workload=_workload, blocks=st.integers(30, 90), caching=st.booleans(), cut=st.booleans())
 def test_jump_equals_single_steps_on_random_workloads(
@@ -466,16 +489,7 @@ def test_jump_equals_single_steps_on_random_workloads(
         assert a.prefix_hit_rate == b.prefix_hit_rate
         assert jumper.take_kv_events() == stepper.take_kv_events()
 
-    for i, (prompt, output, family, steps) in enumerate(workload):
-        for e in (jumper, stepper):
-            try:
-                _add(e, i, prompt, output, family)
-            except EngineError:
-                pass
-        for _ in range(steps):
-            if jumper.has_unfinished():
-                advance()
-        same_state()
+    _feed(workload, (jumper, stepper), advance, same_state)
     while jumper.has_unfinished():
         advance()
         same_state()
@@ -507,20 +521,18 @@ def test_lazy_hashing_equals_eager_hashing(workload: list[tuple[int, int, int, i
         "max_num_seqs": 5,
     }
     lazy, eager = SimEngine(EngineConfig(**kw)), _EagerHashing(EngineConfig(**kw))  # type: ignore[arg-type]
-    for i, (prompt, output, family, steps) in enumerate(workload):
-        for e in (lazy, eager):
-            try:
-                _add(e, i, prompt, output, family)
-            except EngineError:
-                pass
-        for _ in range(steps):
-            if lazy.has_unfinished():
-                assert lazy.step().outputs == eager.step().outputs
+
+    def step_both() -> None:
+        assert lazy.step().outputs == eager.step().outputs
+
+    def same_state() -> None:
         assert lazy.stats() == eager.stats()
         assert lazy.take_kv_events() == eager.take_kv_events()
         lazy.pool.check_invariants()
+
+    _feed(workload, (lazy, eager), step_both, same_state)
     while lazy.has_unfinished():
-        assert lazy.step().outputs == eager.step().outputs
+        step_both()
     assert lazy.stats() == eager.stats()
     assert lazy.take_kv_events() == eager.take_kv_events()
     assert_drained(lazy)
@@ -578,15 +590,7 @@ def test_outputs_read_late_equal_outputs_read_at_once(
             read.append(now.step().outputs)
             kept.append(late.step())
 
-    for i, (prompt, output, family, steps) in enumerate(workload):
-        for e in (now, late):
-            try:
-                _add(e, i, prompt, output, family)
-            except EngineError:
-                pass
-        for _ in range(steps):
-            if now.has_unfinished():
-                advance()
+    _feed(workload, (now, late), advance)
     while now.has_unfinished():
         advance()
     assert [o.outputs for o in kept] == read
