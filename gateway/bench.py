@@ -157,7 +157,7 @@ def _fleets(plan: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> Iterato
         for db, (mode, (gateway_flags, worker_flags)) in enumerate(plan.items()):
             broker = MosquittoServer().start()
             servers.append(broker)
-            redis_url = _redis_db(redis_server.url, db)
+            redis_url = _redis_db(redis_server.direct_url, db)
             sched, worker, gateway = (f"127.0.0.1:{free_port()}" for _ in range(3))
             worker_proc = spawn_kvgate(
                 "worker", "--worker-id", f"bench-{mode}", "--region", "local", "--listen", worker,

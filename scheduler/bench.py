@@ -12,9 +12,8 @@ continuing earlier sessions (pins). Reported side by side from one run:
 - CPU per placement of the schedulers and per RPC of the load generator (from /proc);
 - over-commits: workers whose reservations exceed their free KV after the run (must be 0).
 
-A throwaway Redis container is reached at its bridge address when the host can route to it:
-the published port goes through docker-proxy, a userland relay that would add two hops and
-its own CPU to every command on a small machine (the RTT shows the path either way).
+A throwaway Redis container is reached at its bridge address when the host can route to it
+(`RedisServer.direct_url`: no docker-proxy hops; the RTT shows the path either way).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import asyncio
 import multiprocessing
 import os
 import random
-import socket
 import statistics
 import time
 import urllib.request
@@ -72,21 +70,9 @@ def _redis_url(given: str) -> Iterator[str]:
         ) from exc
     server = RedisServer().start()
     try:
-        yield _direct_url(server) or server.url
+        yield server.direct_url
     finally:
         server.stop()
-
-
-def _direct_url(server: Any) -> str:
-    """redis:// at the container's bridge address, if this host reaches it (Linux Docker)."""
-    try:
-        container = server.container
-        ip = container.get_docker_client().bridge_ip(container.get_wrapped_container().id)
-        with socket.create_connection((ip, server.port_inside), timeout=0.5):
-            pass
-    except Exception:  # any failure means: use the published port
-        return ""
-    return f"redis://{ip}:{server.port_inside}/0"
 
 
 @contextmanager
