@@ -126,9 +126,13 @@ class VllmEngine:
         self._kv = KvEventAccumulator()
         self._kv_sub: KvEventSubscriber | None = None
         self._kv_ipc_path: str | None = None
-        # Request ids between generate() entry and exit, and the subset submitted to vLLM.
+        # Request ids between generate() entry and exit, the subset submitted to vLLM, and the
+        # subset whose first output arrived: vLLM streams nothing before a request's prefill
+        # is done, so from then on its prompt KV is in the usage the stats report (telemetry
+        # lists these for the scheduler to drop their reservations; a queued one keeps it).
         self._in_flight: set[str] = set()
-        self._admitted: dict[str, None] = {}
+        self._submitted: dict[str, None] = {}
+        self._prefilled: dict[str, None] = {}
         # HF fast tokenizers raise "Already borrowed" when used from two threads at once; one
         # worker thread keeps chat rendering off the event loop and serialized.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvgate-tokenize")
@@ -240,12 +244,13 @@ class VllmEngine:
             assert self._api is not None
             params = make_sampling_params(self._api, max_tokens, request.seed)
             prompt = make_tokens_prompt(self._api, prompt_ids)
-            self._admitted[rid] = None
+            self._submitted[rid] = None
             try:
                 # aclosing: if our consumer stops early, vLLM's generator sees GeneratorExit
                 # and aborts the request itself (AsyncLLM.generate's except clause).
                 async with contextlib.aclosing(llm.generate(prompt, params, rid)) as outputs:
                     async for out in outputs:
+                        self._prefilled[rid] = None
                         chunk = map_request_output(out, prompt_len)
                         finished = chunk.finished
                         yield chunk
@@ -258,8 +263,9 @@ class VllmEngine:
                 raise EngineError(f"vLLM generation failed: {type(e).__name__}: {one_line(e)}") from e
         finally:
             self._in_flight.discard(rid)
-            submitted = rid in self._admitted
-            self._admitted.pop(rid, None)
+            submitted = rid in self._submitted
+            self._submitted.pop(rid, None)
+            self._prefilled.pop(rid, None)
             if submitted and not finished:
                 # Consumer went away (GeneratorExit / cancellation): free the KV blocks now.
                 # Redundant with vLLM's own abort on aclose, and harmless: aborting an unknown
@@ -268,7 +274,7 @@ class VllmEngine:
                     await llm.abort(rid)
 
     async def abort(self, request_id: str) -> bool:
-        if self._llm is None or request_id not in self._admitted:
+        if self._llm is None or request_id not in self._submitted:
             return False
         # The request's generate() then yields a final chunk with finish_reason "abort".
         await self._llm.abort(request_id)
@@ -298,7 +304,7 @@ class VllmEngine:
             # intensity on the weights grows with it; vLLM exposes no FLOP/byte counter.
             arithmetic_intensity=sink.tokens_per_step,
             prefix_hit_rate=sink.prefix_hit_rate(),
-            admitted_request_ids=tuple(self._admitted),
+            admitted_request_ids=tuple(self._prefilled),
         )
 
     def take_kv_events(self) -> KvEventBatch:

@@ -946,7 +946,14 @@ class SimEngine:
             tokens_per_s=self._ewma_tokens / step_s if step_s > 0 else 0.0,
             arithmetic_intensity=self._last_intensity,
             prefix_hit_rate=self._prompt_tokens_hit / queried if queried else 0.0,
-            admitted_request_ids=tuple(r.request_id for r in (*self._running, *self._waiting)),
+            # Requests whose prompt KV is allocated (a running request's counters may be those
+            # at its clock t0, when it was decoding already): the scheduler drops their
+            # reservations. A waiting request, or one part-way through a chunked prefill, still
+            # needs its reservation: its KV is not in num_blocks_used yet. One token short of
+            # the prompt counts: the decode path computes that token.
+            admitted_request_ids=tuple(
+                r.request_id for r in self._running if r.num_computed + 1 >= r.n_prompt
+            ),
         )
 
     def take_kv_events(self) -> KvEventBatch:

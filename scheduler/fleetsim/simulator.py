@@ -10,8 +10,8 @@ The scheduler side mirrors the live one (scheduler/servicer.py, store.py, the Lu
   engine's stats() as of the last telemetry tick, plus its own outstanding reservations;
 - a placement reserves the request's tokens on the chosen worker (committed only if
   (telemetry free - reserved) still covers them, as reserve.lua checks) and pins the session;
-  the reservation is released at the first telemetry tick after the request reached the
-  engine, i.e. when telemetry shows it running or waiting (or finished);
+  the reservation is released at the first telemetry tick at which the engine's stats list
+  the request (its prompt KV allocated: not while it waits for room), or when it ends;
 - the prefix index (block hash -> workers) is built from each engine's take_kv_events() at
   telemetry ticks, stored hashes applied before removed ones, as ingest_kv.lua does;
 - a placement that asks to wait for a full pinned worker (Placed.wait_for_pinned) is retried
@@ -213,7 +213,8 @@ class _Worker:
         self.planned_k = 0
         self.run_start = 0.0
         self.reserved = 0
-        self.delivered = 0
+        # Requests delivered whose reservation (tokens) telemetry has not yet released.
+        self.delivered: dict[str, int] = {}
         self.dirty = False
         self.engine_dirty = False
         self.prefill = 0
@@ -540,8 +541,10 @@ class FleetSim:
                 if self._use_index and events:
                     self._apply_kv_events(w, events.stored, events.removed, events.all_cleared)
             if w.delivered:
-                w.reserved -= w.delivered
-                w.delivered = 0
+                delivered = w.delivered
+                for request_id in w.stats.admitted_request_ids:
+                    need = delivered.pop(request_id, 0)
+                    w.reserved -= need
             old = w.view
             view = self._make_view(w)
             if old is not None:
@@ -645,8 +648,8 @@ class FleetSim:
 
     def _deliver(self, req: _Req, t: float) -> None:
         w = self._workers[req.worker]
-        # The reservation goes at the next tick: telemetry then shows the request.
-        w.delivered += req.need
+        # The reservation goes once telemetry shows the request's prompt in the KV cache.
+        w.delivered[req.trace.request_id] = req.need
         if w.mode == _PLANNED:
             self._cut_run(w, t)
         tr = req.trace
@@ -658,6 +661,7 @@ class FleetSim:
         except EngineError:
             self.data.rejected += 1
             del self._reqs[tr.request_id]
+            self._release(w, tr.request_id)
             return
         if w.mode == _IDLE:
             self._plan(w, t)
@@ -741,7 +745,19 @@ class FleetSim:
                 if o.finished:
                     self._finish(reqs[o.request_id], o.request_id, end)
 
+    def _release(self, w: _Worker, request_id: str) -> None:
+        """The request ended: its reservation goes if telemetry has not released it yet (the
+        gateway's Release), seen by placements from the next tick."""
+        need = w.delivered.pop(request_id, 0)
+        if need:
+            w.reserved -= need
+            if not w.dirty:
+                w.dirty = True
+                self._dirty.append(w)
+
     def _finish(self, req: _Req, request_id: str, end: float) -> None:
+        if req.worker >= 0:
+            self._release(self._workers[req.worker], request_id)
         data = self.data
         data.served += 1
         data.e2e_s.append(end - req.arrival)

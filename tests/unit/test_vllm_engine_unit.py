@@ -368,6 +368,8 @@ class FakeAsyncLLM:
     aborted: list[str] = field(default_factory=list)
     submitted: list[tuple[Any, Any, str]] = field(default_factory=list)
     closed_generators: int = 0
+    # When set, requests stay queued (no output) until it is: vLLM's waiting queue.
+    queue_gate: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
         cache = SimpleNamespace(num_gpu_blocks=1001, block_size=16)
@@ -379,6 +381,8 @@ class FakeAsyncLLM:
     async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
         self.submitted.append((prompt, params, request_id))
         try:
+            if self.queue_gate is not None:
+                await self.queue_gate.wait()
             for i in range(params.max_tokens):
                 await asyncio.sleep(0)
                 if request_id in self.aborted:
@@ -443,6 +447,24 @@ async def test_closing_the_stream_early_aborts() -> None:
     await cast(AsyncGenerator[Any, None], stream).aclose()
     assert llm.aborted == ["r2"]
     assert llm.closed_generators == 1
+    assert engine.stats().admitted_request_ids == ()
+
+
+async def test_a_queued_request_is_not_listed_until_its_first_output() -> None:
+    """Telemetry lists a request (the scheduler then drops its KV reservation) once vLLM streams
+    its first output, i.e. its prefill is done and its prompt KV is in the reported usage."""
+    llm = FakeAsyncLLM(queue_gate=asyncio.Event())
+    engine = await _attached(llm)
+    stream = engine.generate(_request("r4", max_tokens=10))
+    first = asyncio.ensure_future(anext(stream))
+    for _ in range(10):  # let generate() tokenize and submit
+        await asyncio.sleep(0)
+    assert llm.submitted
+    assert engine.stats().admitted_request_ids == ()  # submitted, still queued
+    llm.queue_gate.set()  # type: ignore[union-attr]
+    await first
+    assert engine.stats().admitted_request_ids == ("r4",)
+    await cast(AsyncGenerator[Any, None], stream).aclose()
     assert engine.stats().admitted_request_ids == ()
 
 
