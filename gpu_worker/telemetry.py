@@ -35,6 +35,18 @@ OFFLINE = telemetry_pb2.WORKER_LIFECYCLE_OFFLINE
 STATUS_REFRESH_S = 5.0
 
 
+_last_incarnation = 0
+
+
+def _new_incarnation() -> int:
+    """The publisher's start time (Unix ms): a worker restarted under the same id reports a larger
+    one (restarts take far longer than a millisecond, and hosts keep their clocks within that);
+    strictly increasing within one process too, for tests that restart a worker in process."""
+    global _last_incarnation
+    _last_incarnation = max(time.time_ns() // 1_000_000, _last_incarnation + 1)
+    return _last_incarnation
+
+
 @dataclass(frozen=True)
 class WorkerIdentity:
     worker_id: str
@@ -64,6 +76,7 @@ class TelemetryPublisher:
         self._state: telemetry_pb2.WorkerLifecycle.ValueType = READY
         self._stopping = False
         self._seq = 0
+        self.incarnation = _new_incarnation()
         self._main_loop: asyncio.AbstractEventLoop | None = None
         self._thread = LoopThread(f"telemetry-{identity.worker_id}", self._run)
         # Set on the telemetry thread's loop: a state change or stop() to publish now.
@@ -93,6 +106,7 @@ class TelemetryPublisher:
             engine=i.engine,
             gpu=i.gpu,
             timestamp_ms=int(time.time() * 1000),
+            incarnation=self.incarnation,
         ).SerializeToString()
 
     def _stats_payload(self) -> bytes:
@@ -125,6 +139,7 @@ class TelemetryPublisher:
             max_model_len=self._engine.max_model_len,
             prefill_tokens_per_s=i.prefill_tokens_per_s,
             max_num_seqs=i.max_num_seqs,
+            incarnation=self.incarnation,
         ).SerializeToString()
 
     def _kv_payload(self) -> bytes | None:
@@ -138,6 +153,7 @@ class TelemetryPublisher:
             all_cleared=events.all_cleared,
             seq=self._seq,
             block_size=self._engine.block_size,
+            incarnation=self.incarnation,
         ).SerializeToString()
 
     def _collect(self) -> concurrent.futures.Future[tuple[bytes, bytes | None]]:

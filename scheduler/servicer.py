@@ -150,6 +150,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 self._spawn(
                     self._store.record_placement(request.session_id, worker_id, pinned, outcome.value)
                 )
+                if prefix_hits:
+                    self._spawn(self._store.refresh_prefix(block_hashes[: max(prefix_hits.values())]))
                 metrics.placements(outcome.value, tier).inc()
                 return scheduler_pb2.PlaceResponse(
                     placed=scheduler_pb2.Placed(
@@ -307,8 +309,8 @@ async def _suppress_redis_errors(coro: Coroutine[Any, Any, None]) -> None:
     try:
         await coro
     except redis.exceptions.RedisError as exc:
-        # A pin write or a give-back: the session's next turn is looked up afresh, and a
-        # reservation not released expires with its ttl.
+        # A pin write, a give-back or a prefix refresh: the session's next turn is looked up
+        # afresh, a reservation not released expires with its ttl, a prefix is refreshed later.
         log.warning("background Redis write failed (%s); nothing depends on it", exc)
 
 

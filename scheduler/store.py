@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -46,11 +47,17 @@ _VIEW_FIELDS = (
 _RedisField = str | bytes | bytearray | memoryview | int | float
 
 
-def _lua(name: str, *, reservations: bool = False) -> str:
-    source = (resources.files("scheduler") / "lua" / name).read_text()
+def _lua(name: str, *, reservations: bool = False, telemetry: bool = False) -> str:
+    def read(file: str) -> str:
+        return (resources.files("scheduler") / "lua" / file).read_text()
+
+    source = read(name)
+    if telemetry:
+        # Scripts that apply telemetry share how they tell a worker's processes apart.
+        source = read("incarnation.lua") + source
     if reservations:
         # Scripts that touch reservations share one definition of how they are kept.
-        source = (resources.files("scheduler") / "lua" / "reservations.lua").read_text() + source
+        source = read("reservations.lua") + source
     return source
 
 
@@ -73,10 +80,17 @@ class StoreSettings:
     pin_idle_ttl_s: float = 3600.0
     dead_after_s: float = 10.0
     stale_after_s: float = 2.0
-    # A worker's prefix index lives this long after its last KV event; it is bounded anyway by
-    # the worker's own cache size, since it mirrors exactly the blocks the worker holds.
+    # A worker's block set lives this long after its last telemetry, and a block's entry in the
+    # block -> workers index this long after a worker last stored it or a placement last found
+    # it cached (a hot system prompt is stored once and then only hit). Both are bounded anyway:
+    # they mirror the blocks the workers hold; the ttl cleans up after events that were lost.
     prefix_index_ttl_s: float = 600.0
 
+
+# A replica refreshes the ttl of a block found cached at most once per this fraction of the
+# ttl, and remembers that for this many blocks (the hot ones: the rest expire as they should).
+PREFIX_REFRESH_FRACTION = 0.25
+PREFIX_REFRESH_MEMORY = 65_536
 
 # The first lookup round asks which of up to this many workers hold the prompt's first block
 # (a reply of one integer each); a larger fleet serving the model skips that and pays the
@@ -93,9 +107,14 @@ class FleetStore:
         self._mux = RedisMux.like(client)
         self._reserve = ScriptRef.of(_lua("reserve.lua", reservations=True))
         self._release = client.register_script(_lua("release.lua", reservations=True))
-        self._ingest = client.register_script(_lua("ingest_stats.lua", reservations=True))
-        self._ingest_kv = client.register_script(_lua("ingest_kv.lua"))
+        self._ingest = client.register_script(_lua("ingest_stats.lua", reservations=True, telemetry=True))
+        self._ingest_status = client.register_script(_lua("ingest_status.lua", telemetry=True))
+        self._ingest_kv = client.register_script(_lua("ingest_kv.lua", telemetry=True))
+        self._unpin = client.register_script(_lua("unpin.lua"))
         self._tick_clock = client.register_script(_lua("telemetry_clock.lua"))
+        self._prefix_ttl_ms = int(settings.prefix_index_ttl_s * 1000)
+        # Block hash -> when this replica last refreshed its index entry's ttl (monotonic s).
+        self._prefix_refreshed: OrderedDict[int, float] = OrderedDict()
         # Telemetry clock + slack (ms) when the broker is away, 0 when telemetry flows.
         self.frozen_clock_ms = 0
         # When telemetry last resumed after a gap (ms, 0: never): when the broker comes back,
@@ -113,75 +132,94 @@ class FleetStore:
             "arithmetic_intensity", stats.arithmetic_intensity,
             "prefill_tokens_per_s", stats.prefill_tokens_per_s, "max_num_seqs", stats.max_num_seqs,
         ]  # fmt: skip
-        args = [stats.seq, state.value, *fields, "--", *stats.admitted_request_ids]
         wid = stats.worker_id
-        await self._ingest(keys=keys.worker_reservation_keys(wid), args=args)
+        args = [
+            stats.seq, state.value, stats.incarnation, self._prefix_ttl_ms, *fields,
+            "--", *stats.admitted_request_ids,
+        ]  # fmt: skip
+        reply = await self._ingest(
+            keys=[*keys.worker_reservation_keys(wid), keys.worker_blocks(wid)], args=args
+        )
+        await self._after_telemetry(wid, reply)
         await self._redis.sadd(keys.WORKERS, wid)
 
     async def ingest_status(self, status: telemetry_pb2.WorkerStatus) -> None:
         state = _LIFECYCLE_TO_STATE.get(status.state, WorkerState.OFFLINE)
-        info = keys.worker_info(status.worker_id)
-        mapping: dict[_RedisField, _RedisField] = {"state": state.value}
-        if state == WorkerState.READY:
-            # A (re)started worker counts its telemetry from 1 again.
-            mapping["seq"] = -1
+        wid = status.worker_id
+        fields: list[str] = []
         for field in ("region", "address", "model", "engine", "gpu"):
             value = getattr(status, field)
             if value:
-                mapping[field] = value
-        cached: list[bytes | str] = []
-        if state == WorkerState.OFFLINE:
-            cached = list(await self._redis.smembers(keys.worker_blocks(status.worker_id)))
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(info, mapping=mapping)
-            if state == WorkerState.OFFLINE:
-                # Its KV cache is gone with it: reservations and cached prefixes mean nothing now.
-                wid = status.worker_id
-                pipe.delete(
-                    keys.worker_reservations(wid),
-                    keys.worker_reservation_expiry(wid),
-                    keys.worker_blocks(wid),
-                )
-                pipe.hset(info, "reserved", 0)
-            await pipe.execute()
-        if cached:
-            await self._unindex_blocks(status.worker_id, cached)
-        await self._redis.sadd(keys.WORKERS, status.worker_id)
+                fields += [field, value]
+        reply = await self._ingest_status(
+            keys=[*keys.worker_reservation_keys(wid), keys.worker_blocks(wid)],
+            args=[state.value, status.incarnation, *fields],
+        )
+        await self._after_telemetry(wid, reply)
+        await self._redis.sadd(keys.WORKERS, wid)
 
     async def ingest_kv(self, events: telemetry_pb2.KvEvents) -> None:
         wid = events.worker_id
-        ttl_ms = int(self.settings.prefix_index_ttl_s * 1000)
-        result = await self._ingest_kv(
+        reply = await self._ingest_kv(
             keys=[keys.worker_info(wid), keys.worker_blocks(wid)],
             args=[
                 events.seq,
                 "1" if events.all_cleared else "0",
-                ttl_ms,
+                self._prefix_ttl_ms,
+                events.incarnation,
                 len(events.stored_block_hashes),
                 *events.stored_block_hashes,
                 *events.removed_block_hashes,
             ],
         )
-        if not int(result[0]):
-            return  # a batch another replica (or this one) already applied
         # Mirror the applied batch into the block -> workers index. Block keys live in many
         # Cluster slots, so this is a pipeline after the worker's script rather than part of it:
         # should two replicas' mirrors of consecutive batches interleave, a stale entry can
         # survive until its ttl, which costs a wrong guess of a cached prefix, never a wrong
         # commit (reservations are checked against the worker's own accounting).
-        cleared = result[1:]
+        applied, dropped = await self._after_telemetry(wid, reply, mirror=False)
+        if not applied and not dropped:
+            return  # a batch another replica (or this one) already applied
         async with self._redis.pipeline(transaction=False) as pipe:
-            for block_hash in cleared:
+            for block_hash in dropped:
                 pipe.srem(keys.block_workers(int(block_hash)), wid)
-            for block_hash in events.stored_block_hashes:
-                key = keys.block_workers(block_hash)
-                pipe.sadd(key, wid)
-                pipe.pexpire(key, ttl_ms)
-            for block_hash in events.removed_block_hashes:
-                pipe.srem(keys.block_workers(block_hash), wid)
+            if applied:
+                for block_hash in events.stored_block_hashes:
+                    key = keys.block_workers(block_hash)
+                    pipe.sadd(key, wid)
+                    pipe.pexpire(key, self._prefix_ttl_ms)
+                for block_hash in events.removed_block_hashes:
+                    pipe.srem(keys.block_workers(block_hash), wid)
             await pipe.execute()
 
-    async def _unindex_blocks(self, worker_id: str, block_hashes: list[bytes | str]) -> None:
+    async def _after_telemetry(
+        self, worker_id: str, reply: list[bytes | int], *, mirror: bool = True
+    ) -> tuple[bool, list[bytes | int]]:
+        """What a telemetry script's reply asks of the multi-slot state: the worker's pins are
+        invalid (it went offline or restarted: its KV cache is gone), and the blocks it no longer
+        holds leave the block -> workers index (unless the caller mirrors them itself).
+        Returns (applied, dropped block hashes)."""
+        applied, pins_invalid, dropped = bool(int(reply[0])), bool(int(reply[1])), reply[2:]
+        if pins_invalid:
+            await self._invalidate_pins(worker_id)
+        if mirror and dropped:
+            await self._unindex_blocks(worker_id, dropped)
+        return applied, dropped
+
+    async def _invalidate_pins(self, worker_id: str) -> None:
+        """Drop the pins of the sessions pinned to the worker (each in its own slot, so one script
+        per session; only pins still naming this worker: another replica may have moved one)."""
+        pins = keys.worker_pins(worker_id)
+        sessions = [as_str(s) for s in await self._redis.zrange(pins, 0, -1) if isinstance(s, bytes | str)]
+        if not sessions:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for session in sessions:
+                await self._unpin(keys=[keys.session_pin(session)], args=[worker_id], client=pipe)
+            pipe.zrem(pins, *sessions)
+            await pipe.execute()
+
+    async def _unindex_blocks(self, worker_id: str, block_hashes: list[bytes | int]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             for block_hash in block_hashes:
                 pipe.srem(keys.block_workers(int(block_hash)), worker_id)
@@ -255,6 +293,29 @@ class FleetStore:
                     if present:
                         hits[wid] = position
         return pin, hits
+
+    async def refresh_prefix(self, block_hashes: Sequence[int]) -> None:
+        """Keep the index entries of blocks a lookup found cached alive: a worker reports a block
+        when it stores it, never when it hits it, so a prefix every conversation shares would
+        otherwise drop out of the index a ttl after it was first cached. Off the hot path (after
+        the placement is answered); each replica refreshes a block at most every quarter ttl."""
+        now = time.monotonic()
+        due = now - self.settings.prefix_index_ttl_s * PREFIX_REFRESH_FRACTION
+        refreshed = self._prefix_refreshed
+        stale: list[int] = []
+        for block_hash in block_hashes:
+            last = refreshed.get(block_hash)
+            if last is None or last < due:
+                stale.append(block_hash)
+                refreshed[block_hash] = now
+                refreshed.move_to_end(block_hash)
+        while len(refreshed) > PREFIX_REFRESH_MEMORY:
+            refreshed.popitem(last=False)
+        if stale:
+            ttl = self._prefix_ttl_ms
+            _raise_first_error(
+                await self._mux.execute_many([("PEXPIRE", keys.block_workers(h), ttl) for h in stale])
+            )
 
     async def read_fleet(self) -> FleetView:
         members = await self._mux.execute("SMEMBERS", keys.WORKERS, retry=True)
@@ -397,10 +458,12 @@ class FleetStore:
         return {k: int(v) for k, v in _decode(await self._redis.hgetall(keys.PLACEMENTS_BY_OUTCOME)).items()}
 
     async def set_draining(self, worker_id: str) -> bool:
+        """Drain a worker from the scheduler's side: no new sessions land on it from now on, even
+        if the worker never hears of it (the telemetry scripts keep the state until it restarts)."""
         info = keys.worker_info(worker_id)
         if not await self._redis.exists(info):
             return False
-        await self._redis.hset(info, "state", WorkerState.DRAINING.value)
+        await self._redis.hset(info, mapping={"state": WorkerState.DRAINING.value, "drain_requested": 1})
         return True
 
     async def count_shed(self, tier: str) -> None:

@@ -17,6 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "scheduler": ("scheduler.cli", "run a scheduler replica (placement, pins, telemetry ingest)"),
     "worker": ("gpu_worker.cli", "run one GPU worker (simulated or vLLM engine)"),
     "status": ("scheduler.status_cli", "live view of the fleet: KV use, batch, pins, shedding (or --json)"),
+    "drain": (
+        "scheduler.drain_cli",
+        "drain a worker through the scheduler: no new sessions, in-flight ones finish",
+    ),
     "chat": ("gateway.chat_cli", "chat with the fleet through a gateway"),
     "keys": ("gateway.keys_cli", "manage the gateway's API keys (create, list, revoke, quarantine)"),
     "engine-profile": ("gpu_worker.engine_profile_cli", "KV capacity and roofline step times of a GPU/model"),

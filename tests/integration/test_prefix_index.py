@@ -6,10 +6,13 @@ import asyncio
 
 from gateway.prompt import prompt_block_hashes
 from kvgate.redis_conn import connect_redis
-from kvgate.v1 import common_pb2, telemetry_pb2
+from kvgate.v1 import common_pb2, scheduler_pb2, telemetry_pb2
 from scheduler import keys
+from scheduler.fleet_cache import FleetCache
+from scheduler.policy import make_policy
+from scheduler.servicer import SchedulerServicer
 from scheduler.store import FleetStore, StoreSettings
-from tests.integration.fleet import Fleet
+from tests.integration.fleet import Fleet, report_worker
 
 
 async def test_kv_events_index_the_blocks_a_worker_caches(fleet: Fleet) -> None:
@@ -115,3 +118,34 @@ async def test_a_single_run_of_holders_is_looked_up_in_one_round_trip(
     writes[0] = 0
     assert await store.lookup("", ["a", "b", "c"], []) == (None, {})
     assert writes[0] == 0
+
+
+async def test_a_prefix_placements_keep_finding_stays_in_the_index(clean_redis: str) -> None:
+    """Workers report a block when they store it, never when they hit it: the placements that
+    find a prefix cached keep its index entries alive, so the hottest prefix (a system prompt
+    every conversation shares) does not drop out of the index a ttl after it was first cached."""
+    client = connect_redis(clean_redis)
+    store = FleetStore(client, StoreSettings(prefix_index_ttl_s=2.0))
+    try:
+        await report_worker(store, "a", used_blocks=0)
+        await store.ingest_kv(telemetry_pb2.KvEvents(worker_id="a", seq=1, stored_block_hashes=[41, 42, 43]))
+        servicer = SchedulerServicer(store, FleetCache(store, max_age_s=0), make_policy("kvgate"), _no_drain)
+        for i in range(8):  # 4 s: twice the ttl, the blocks stored only once
+            placed = await servicer._place(
+                scheduler_pb2.PlaceRequest(
+                    request_id=f"r{i}", model="m", tier="free", prompt_tokens=80, max_new_tokens=8,
+                    block_hashes=[41, 42, 99],
+                )
+            )  # fmt: skip
+            assert placed.placed.worker_id == "a"
+            await asyncio.sleep(0.5)
+        assert (await store.lookup("", ["a"], [41, 42, 43]))[1] == {"a": 2}
+        # Never found by a placement: it expired, as an entry whose removal event was lost must.
+        assert await client.exists(keys.block_workers(43)) == 0
+    finally:
+        await store.aclose()
+        await client.aclose()
+
+
+async def _no_drain(worker_id: str) -> None:
+    pass

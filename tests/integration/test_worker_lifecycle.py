@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpu_worker import telemetry
-from kvgate import topics
+from kvgate import cli, topics
 from kvgate.containers import MosquittoServer
 from kvgate.mqtt_url import MqttUrl
 from kvgate.service import LIVENESS_SERVICE
@@ -141,3 +141,22 @@ async def test_a_stale_offline_after_ready_is_corrected_by_the_workers_status_re
     await asyncio.sleep(1.5)
     await fleet.wait_for_workers({"stale-will-1": "ready"}, timeout_s=10)
     assert await _wait_status(broker, "stale-will-1", READY, timeout_s=5) >= 0  # retained is READY again
+
+
+async def test_kvgate_drain_takes_a_worker_out_of_placement_through_the_scheduler(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await fleet.start({"keep-1": ("us-east", 2000), "drain-1": ("eu-west", 2000)})
+    drain = ["drain", "--scheduler", fleet.scheduler.address]
+    assert await asyncio.to_thread(cli.main, [*drain, "drain-1"]) == 0
+    assert "drain-1: draining" in capsys.readouterr().out
+    # The worker heard of it (it refuses new requests), and the scheduler places elsewhere.
+    assert fleet.workers["drain-1"].servicer.draining
+    await fleet.wait_for_workers({"drain-1": "draining", "keep-1": "ready"})
+    async with fleet.client() as client:
+        for _ in range(4):
+            session = await client.create_session()
+            _, _, placement = await client.reply(session.session_id, "hello", max_tokens=2)
+            assert placement.worker_id == "keep-1"
+    assert await asyncio.to_thread(cli.main, [*drain, "no-such-worker"]) == 1
+    assert "no worker 'no-such-worker'" in capsys.readouterr().err

@@ -55,6 +55,7 @@ class WorkerStatus(_message.Message):
     ENGINE_FIELD_NUMBER: _builtins.int
     GPU_FIELD_NUMBER: _builtins.int
     TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     state: Global___WorkerLifecycle.ValueType
     region: _builtins.str
@@ -63,6 +64,11 @@ class WorkerStatus(_message.Message):
     engine: _builtins.str
     gpu: _builtins.str
     timestamp_ms: _builtins.int
+    incarnation: _builtins.int
+    """When this worker process started (Unix ms). A worker restarted under the same id reports a
+    larger one, so the scheduler tells a new process (empty KV cache, sequence numbers from 1)
+    from a late message of the previous one (its last-will, a delayed batch). 0: not reported.
+    """
     def __init__(
         self,
         *,
@@ -74,10 +80,11 @@ class WorkerStatus(_message.Message):
         engine: _builtins.str = ...,
         gpu: _builtins.str = ...,
         timestamp_ms: _builtins.int = ...,
+        incarnation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "engine", b"engine", "gpu", b"gpu", "model", b"model", "region", b"region", "state", b"state", "timestamp_ms", b"timestamp_ms", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "engine", b"engine", "gpu", b"gpu", "incarnation", b"incarnation", "model", b"model", "region", b"region", "state", b"state", "timestamp_ms", b"timestamp_ms", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -111,6 +118,7 @@ class WorkerStats(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     MAX_NUM_SEQS_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     region: _builtins.str
     address: _builtins.str
@@ -139,9 +147,13 @@ class WorkerStats(_message.Message):
     the scheduler compares waiting for a full pinned worker with recomputing elsewhere.
     """
     max_num_seqs: _builtins.int
+    incarnation: _builtins.int
+    """As in WorkerStatus."""
     @_builtins.property
     def admitted_request_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Requests the engine has admitted: the scheduler drops their reservations."""
+        """Requests whose prompt KV the engine holds (prefilled, in num_blocks_used): the scheduler
+        drops their reservations. A request still waiting for KV room is not among them.
+        """
 
     def __init__(
         self,
@@ -170,10 +182,11 @@ class WorkerStats(_message.Message):
         max_model_len: _builtins.int = ...,
         prefill_tokens_per_s: _builtins.float = ...,
         max_num_seqs: _builtins.int = ...,
+        incarnation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admitted_request_ids", b"admitted_request_ids", "arithmetic_intensity", b"arithmetic_intensity", "block_size", b"block_size", "engine", b"engine", "gpu", b"gpu", "max_model_len", b"max_model_len", "max_num_seqs", b"max_num_seqs", "model", b"model", "num_blocks_cached", b"num_blocks_cached", "num_blocks_total", b"num_blocks_total", "num_blocks_used", b"num_blocks_used", "preemptions_total", b"preemptions_total", "prefill_tokens_per_s", b"prefill_tokens_per_s", "prefix_hit_rate", b"prefix_hit_rate", "region", b"region", "running", b"running", "seq", b"seq", "state", b"state", "step_ms", b"step_ms", "timestamp_ms", b"timestamp_ms", "tokens_per_s", b"tokens_per_s", "waiting", b"waiting", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admitted_request_ids", b"admitted_request_ids", "arithmetic_intensity", b"arithmetic_intensity", "block_size", b"block_size", "engine", b"engine", "gpu", b"gpu", "incarnation", b"incarnation", "max_model_len", b"max_model_len", "max_num_seqs", b"max_num_seqs", "model", b"model", "num_blocks_cached", b"num_blocks_cached", "num_blocks_total", b"num_blocks_total", "num_blocks_used", b"num_blocks_used", "preemptions_total", b"preemptions_total", "prefill_tokens_per_s", b"prefill_tokens_per_s", "prefix_hit_rate", b"prefix_hit_rate", "region", b"region", "running", b"running", "seq", b"seq", "state", b"state", "step_ms", b"step_ms", "timestamp_ms", b"timestamp_ms", "tokens_per_s", b"tokens_per_s", "waiting", b"waiting", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -189,10 +202,13 @@ class KvEvents(_message.Message):
     ALL_CLEARED_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     all_cleared: _builtins.bool
     seq: _builtins.int
     block_size: _builtins.int
+    incarnation: _builtins.int
+    """As in WorkerStatus; seq counts within one incarnation."""
     @_builtins.property
     def stored_block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -206,10 +222,11 @@ class KvEvents(_message.Message):
         all_cleared: _builtins.bool = ...,
         seq: _builtins.int = ...,
         block_size: _builtins.int = ...,
+        incarnation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_cleared", b"all_cleared", "block_size", b"block_size", "removed_block_hashes", b"removed_block_hashes", "seq", b"seq", "stored_block_hashes", b"stored_block_hashes", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_cleared", b"all_cleared", "block_size", b"block_size", "incarnation", b"incarnation", "removed_block_hashes", b"removed_block_hashes", "seq", b"seq", "stored_block_hashes", b"stored_block_hashes", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
