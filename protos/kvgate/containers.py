@@ -81,12 +81,20 @@ class RedisServer(_Server):
     port_inside = 6379
     what = "redis"
 
-    def __init__(self, password: str | None = None, tls_dir: Path | None = None) -> None:
+    def __init__(
+        self, password: str | None = None, tls_dir: Path | None = None, cluster: bool = False
+    ) -> None:
         """`password`: require it (`requirepass`), as the compose fleet does. `tls_dir`: serve
-        TLS only, with ca.crt, server.crt and server.key from it (deploy/make-tls-cert.sh)."""
+        TLS only, with ca.crt, server.crt and server.key from it (deploy/make-tls-cert.sh).
+        `cluster`: a one-node Redis Cluster owning every slot. A plain client works with it (no
+        redirects), while Redis still refuses any command or script whose keys span two slots
+        (CROSSSLOT): what tests need to show that kvgate's keys are Cluster-safe."""
         self.password = password
         self.tls_dir = tls_dir
-        auth = f" --requirepass {password}" if password else ""
+        self.cluster = cluster
+        options = f" --requirepass {password}" if password else ""
+        if cluster:
+            options += " --cluster-enabled yes --cluster-config-file /tmp/nodes.conf"
         listen = "--port 6379"
         container = DockerContainer(redis_image())
         if tls_dir is not None:
@@ -97,9 +105,24 @@ class RedisServer(_Server):
             container = container.with_volume_mapping(str(tls_dir), "/tls", "ro")
         super().__init__(
             container.with_command(
-                f"redis-server {listen} --bind 0.0.0.0 --protected-mode no --appendonly yes --save ''" + auth
+                f"redis-server {listen} --bind 0.0.0.0 --protected-mode no --appendonly yes --save ''" + options
             )
         )
+
+    def start(self) -> Self:
+        super().start()
+        if self.cluster:
+            self._own_every_slot()
+        return self
+
+    def _own_every_slot(self, timeout_s: float = 30.0) -> None:
+        cli = "redis-cli" + (f" -a {self.password} --no-auth-warning" if self.password else "")
+        self.container.exec(f"{cli} CLUSTER ADDSLOTSRANGE 0 16383")
+        deadline = time.monotonic() + timeout_s
+        while b"cluster_state:ok" not in self.container.exec(f"{cli} CLUSTER INFO").output:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"redis cluster not ok within {timeout_s}s")
+            time.sleep(0.05)
 
     @property
     def url(self) -> str:
