@@ -36,6 +36,4 @@ local ttl = tonumber(ARGV[3])
 redis.call('HSET', resv, ARGV[1], want)
 redis.call('ZADD', expiry, now + ttl, ARGV[1])
 redis.call('HINCRBY', info, 'reserved', want)
-redis.call('PEXPIRE', resv, ttl * 2)
-redis.call('PEXPIRE', expiry, ttl * 2)
 return {1, free - want}
