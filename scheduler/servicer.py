@@ -95,6 +95,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             client_region=request.client_region,
         )
         tokens = placement.tokens_needed
+        # The commit keeps the tier's headroom too: the policy's check alone is on a snapshot, and
+        # replicas placing at once would let a lower tier eat it.
+        headroom = self._policy.config.headroom_fraction(tier)
         # Guess only where the lookup rarely changes the answer: a session of unknown pin might
         # be pinned elsewhere, and a wrong guess costs a reservation given back.
         reads_lookup = self._policy.reads_pins_and_prefixes
@@ -108,7 +111,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         early = ""  # the guessed worker, once its reservation holds
         if isinstance(guess, Placed) and guess.candidates and not guess.wait_for_pinned:
             pinned, prefix_hits, early = await self._lookup_and_reserve(
-                request, serving, block_hashes, guess.candidates[0], tokens
+                request, serving, block_hashes, guess.candidates[0], tokens, headroom
             )
         else:
             pinned, prefix_hits = await self._store.lookup(request.session_id, serving, block_hashes)
@@ -138,7 +141,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             for i, worker_id in enumerate(decision.candidates):
                 if worker_id != early:
                     wait_s = decision.expected_wait_s if i == 0 and decision.wait_for_pinned else 0.0
-                    if not await self._commit(worker_id, request.request_id, tokens, wait_s):
+                    if not await self._commit(worker_id, request.request_id, tokens, headroom, wait_s):
                         metrics.COMMIT_CONFLICTS.inc()
                         continue
                     if early:
@@ -183,6 +186,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         block_hashes: list[int],
         worker_id: str,
         tokens: int,
+        headroom: float,
     ) -> tuple[str | None, dict[str, int], str]:
         """The lookup and a reservation on the guessed worker, in one round trip (both are issued
         in this tick, so the connection sends them in one write): (pin, prefix hits, the guessed
@@ -192,7 +196,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         try:
             looked, reserved = await asyncio.gather(
                 self._store.lookup(request.session_id, serving, block_hashes),
-                self._store.reserve(worker_id, request.request_id, tokens),
+                self._store.reserve(worker_id, request.request_id, tokens, headroom_fraction=headroom),
                 return_exceptions=True,
             )
             committed = isinstance(reserved, ReserveResult) and reserved.status == ReserveStatus.RESERVED
@@ -224,7 +228,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _commit(self, worker_id: str, request_id: str, tokens: int, wait_s: float) -> bool:
+    async def _commit(
+        self, worker_id: str, request_id: str, tokens: int, headroom: float, wait_s: float
+    ) -> bool:
         """Reserve on one worker; for a pinned worker worth waiting for, retry until it has room
         (its running requests finish and its telemetry shows the freed blocks) or wait_s passes."""
         deadline = time.monotonic() + min(wait_s, MAX_PIN_WAIT_S)
@@ -232,7 +238,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self._fleet.begin_reservation(worker_id, tokens)
             committed = False
             try:
-                result = await self._store.reserve(worker_id, request_id, tokens)
+                result = await self._store.reserve(worker_id, request_id, tokens, headroom_fraction=headroom)
                 committed = result.status == ReserveStatus.RESERVED
             finally:
                 self._fleet.end_reservation(worker_id, tokens, committed)

@@ -337,8 +337,16 @@ class FleetStore:
         )
 
     async def reserve(
-        self, worker_id: str, request_id: str, tokens: int, *, allow_draining: bool = False
+        self,
+        worker_id: str,
+        request_id: str,
+        tokens: int,
+        *,
+        headroom_fraction: float = 0.0,
+        allow_draining: bool = False,
     ) -> ReserveResult:
+        """Reserve `tokens` if they fit in the worker's free KV less `headroom_fraction` of its
+        capacity (the request tier's headroom, kept for higher tiers)."""
         # Safe to resend: a retried request id replaces its own reservation (reserve.lua).
         status, free_after = await self._mux.evalsha(
             self._reserve,
@@ -351,6 +359,7 @@ class FleetStore:
                 "1" if allow_draining else "0",
                 self.frozen_clock_ms,
                 self.resumed_ms,
+                repr(float(headroom_fraction)),
             ],
             retry=True,
         )
