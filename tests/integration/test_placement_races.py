@@ -89,7 +89,10 @@ async def test_two_replicas_keep_each_tiers_headroom_under_concurrent_placements
 
 async def test_a_burst_on_idle_workers_spreads_by_reservations(fleet: Fleet) -> None:
     scheduler = await fleet.start_scheduler()
-    blocks = {f"w{i}": 10_000 for i in range(8)}
+    # w0 has 50 blocks (800 tokens) more than the others: by telemetry alone it is the emptiest
+    # worker for every request of the burst, which would all land there. Only the reservations
+    # of the burst's earlier requests, counted in the snapshot at once, move the rest elsewhere.
+    blocks = {f"w{i}": 10_000 + (50 if i == 0 else 0) for i in range(8)}
     await _register_workers(scheduler, blocks)
     responses = await _place_all([scheduler.address], 200, prompt=900, new=124)
     assert all(r.WhichOneof("result") == "placed" for r in responses)
