@@ -92,7 +92,9 @@ class FleetStore:
         # connection; everything else uses redis-py (see redis_mux.py for why).
         self._mux = RedisMux.like(client)
         self._reserve = ScriptRef.of(_lua("reserve.lua", reservations=True))
-        self._release = client.register_script(_lua("release.lua", reservations=True))
+        # On the placement connection too: a give-back sent after a reserve whose reply never came
+        # (a cancelled Place) reaches Redis after it, on the same connection, and so undoes it.
+        self._release = ScriptRef.of(_lua("release.lua", reservations=True))
         self._ingest = client.register_script(_lua("ingest_stats.lua", reservations=True))
         self._ingest_kv = client.register_script(_lua("ingest_kv.lua"))
         self._tick_clock = client.register_script(_lua("telemetry_clock.lua"))
@@ -366,7 +368,11 @@ class FleetStore:
         return ReserveResult(ReserveStatus(int(status)), int(free_after))
 
     async def release(self, worker_id: str, request_id: str) -> bool:
-        return bool(await self._release(keys=keys.worker_reservation_keys(worker_id), args=[request_id]))
+        # Safe to resend: releasing a reservation that is gone is a no-op.
+        released = await self._mux.evalsha(
+            self._release, keys.worker_reservation_keys(worker_id), [request_id], retry=True
+        )
+        return bool(released)
 
     async def reserved_tokens(self, worker_id: str) -> int:
         """Sum of the worker's reservation hash (for checks; placement uses the running total)."""
