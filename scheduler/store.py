@@ -389,7 +389,9 @@ class FleetStore:
         if session_id:
             commands.append(("SET", keys.session_pin(session_id), worker_id, "PX", ttl_ms))
             pins = keys.worker_pins(worker_id)
-            # Expired entries are ignored by status_extras (ZCOUNT from now) and trimmed there.
+            # Expired entries go here, in the same write, so the index stays bounded by the
+            # sessions pinned within one idle ttl whether or not anyone runs `kvgate status`.
+            commands.append(("ZREMRANGEBYSCORE", pins, "-inf", now_ms))
             commands.append(("ZADD", pins, now_ms + ttl_ms, session_id))
             commands.append(("PEXPIRE", pins, ttl_ms))
             if previous_worker and previous_worker != worker_id:

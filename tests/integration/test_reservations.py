@@ -1,9 +1,11 @@
-"""A worker's reservations against real Redis (scheduler/lua/): the running total always equals what
-the reservation hash holds, whatever time passes without telemetry."""
+"""A worker's bookkeeping in real Redis: its reservations (scheduler/lua/), whose running total
+always equals what the reservation hash holds whatever time passes without telemetry, and its
+pin index, which stays bounded."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import redis.asyncio as redis
 
@@ -58,4 +60,19 @@ async def test_a_total_whose_reservations_vanished_heals_on_the_next_script(clea
         assert await _total_and_hash(client, "w1") == (0, 0)
     finally:
         await store.aclose()
+        await client.aclose()
+
+
+async def test_recording_a_placement_trims_the_workers_expired_pins(
+    store: FleetStore, clean_redis: str
+) -> None:
+    # Only `kvgate status` trimmed them before: a fleet nobody inspected grew the index forever.
+    client = connect_redis(clean_redis)
+    try:
+        pins = keys.worker_pins("w1")
+        expired_ms = int(time.time() * 1000) - 1000
+        await client.zadd(pins, {"gone-1": 1000, "gone-2": expired_ms, "live": expired_ms + 60_000})
+        await store.record_placement("s-new", "w1", None, "new")
+        assert sorted(m.decode() for m in await client.zrange(pins, 0, -1)) == ["live", "s-new"]
+    finally:
         await client.aclose()
