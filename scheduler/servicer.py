@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import redis.exceptions
@@ -72,8 +72,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             if not isinstance(exc, redis.exceptions.RedisError):
                 raise
             log.warning("placement unavailable, Redis: %s", exc)
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(REDIS_DOWN_RETRY_MS)),))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler state store (Redis) unavailable")
+            await _redis_unavailable(context)
         left = context.time_remaining()
         if left is not None and left <= 0:
             # Answered after the caller's deadline: it will not use the reservation.
@@ -318,8 +317,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             shed = await self._store.shed_counts()
             placed = await self._store.placement_counts()
         except redis.exceptions.RedisError:
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(REDIS_DOWN_RETRY_MS)),))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler state store (Redis) unavailable")
+            await _redis_unavailable(context)
         response = scheduler_pb2.FleetStatusResponse(shed_by_tier=shed, placements_by_outcome=placed)
         for wid in ids:
             w = fleet.workers[wid]
@@ -350,11 +348,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.DrainWorkerResponse:
         if not request.worker_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id is required")
-        found = await self._store.set_draining(request.worker_id)
-        if found:
-            self._fleet.invalidate()
-            await self._drain_worker(request.worker_id)
+        try:
+            found = await self._store.set_draining(request.worker_id)
+            if found:
+                self._fleet.invalidate()
+                await self._drain_worker(request.worker_id)
+        except redis.exceptions.RedisError as exc:
+            # Safe to retry: marking a worker draining again changes nothing.
+            log.warning("drain of %s unavailable, Redis: %s", request.worker_id, exc)
+            await _redis_unavailable(context)
         return scheduler_pb2.DrainWorkerResponse(found=found)
+
+
+async def _redis_unavailable(context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+    context.set_trailing_metadata((("grpc-retry-pushback-ms", str(REDIS_DOWN_RETRY_MS)),))
+    await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler state store (Redis) unavailable")
+    raise AssertionError("unreachable: context.abort raises")
 
 
 async def _suppress_redis_errors(coro: Coroutine[Any, Any, object]) -> None:

@@ -1,5 +1,5 @@
 """A full fleet says so honestly: lower tiers shed first with a retry hint; Redis down is
-UNAVAILABLE with a hint, and placement recovers by itself."""
+UNAVAILABLE with a hint (placement and draining alike), and placement recovers by itself."""
 
 from __future__ import annotations
 
@@ -76,3 +76,24 @@ async def test_redis_down_means_unavailable_with_a_hint_then_recovery(fleet: Fle
             assert (await stub.Place(_place(3, "free"), timeout=30)).WhichOneof("result") == "placed"
     finally:
         own_redis.stop()
+
+
+async def test_drain_worker_with_redis_down_is_unavailable_with_a_hint(fleet: Fleet) -> None:
+    own_redis = RedisServer().start()
+    fleet.redis_url = own_redis.url
+    try:
+        scheduler = await fleet.start_scheduler()
+        await _register(scheduler, {"w0": 10_000})
+    except BaseException:
+        own_redis.stop()
+        raise
+    own_redis.stop()  # refuses connections from now on
+    async with grpc.aio.insecure_channel(scheduler.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await scheduler_pb2_grpc.SchedulerStub(channel).DrainWorker(
+                scheduler_pb2.DrainWorkerRequest(worker_id="w0"), timeout=30
+            )
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    assert "Redis" in (info.value.details() or "")
+    pushback = dict(info.value.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+    assert pushback is not None and int(pushback) > 0
