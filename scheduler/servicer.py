@@ -105,7 +105,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         answer_by = (
             None if time_left_s is None else time.monotonic() + time_left_s - PIN_WAIT_DEADLINE_MARGIN_S
         )
-        tier = request.tier or "free"
+        # Unknown tiers get the fallback tier's headroom (KvgateConfig): named so in metrics and
+        # shed counts too, whose labels must stay the few configured tiers, not client text.
+        tier = self._policy.config.effective_tier(request.tier)
         block_hashes = list(request.block_hashes)
         fleet = await self._fleet.get()
         # Only prefix hits need to know who serves the model.

@@ -3,10 +3,12 @@ UNAVAILABLE with a hint (placement and draining alike), and placement recovers b
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from kvgate.containers import RedisServer
 from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc, telemetry_pb2
@@ -51,6 +53,42 @@ async def test_full_fleet_sheds_free_tier_first_and_keeps_serving_enterprise(fle
         assert enterprise.WhichOneof("result") == "placed" and enterprise.placed.worker_id == "w0"
         status = await stub.FleetStatus(scheduler_pb2.FleetStatusRequest())
         assert status.shed_by_tier == {"free": 1}
+
+
+def _placements(outcome: str, tier: str) -> float:
+    return (
+        REGISTRY.get_sample_value("kvgate_scheduler_placements_total", {"outcome": outcome, "tier": tier})
+        or 0
+    )
+
+
+async def test_unknown_tiers_are_counted_as_the_free_tier_they_are_placed_as(fleet: Fleet) -> None:
+    # The tier is client-controlled text to the scheduler: as a metric label it must not add series.
+    scheduler = await fleet.start_scheduler()
+    await _register(scheduler, {"w0": 1000}, used=920)  # free tier is shed here, enterprise is not
+    new_before, shed_before = _placements("new", "free"), _placements("shed", "free")
+    async with grpc.aio.insecure_channel(scheduler.address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        assert (await stub.Place(_place(1, "enterprise"))).WhichOneof("result") == "placed"
+        assert (await stub.Place(_place(2, "platinum"))).WhichOneof("result") == "shed"
+        await _register(scheduler, {"w0": 1000}, used=0)
+        sheds = 1
+        # Shed until this replica's snapshot (refreshed in the background) shows the room.
+        while (await stub.Place(_place(3, "Platinum!"))).WhichOneof("result") == "shed":
+            sheds += 1
+            assert sheds < 50
+            await asyncio.sleep(0.05)
+        status = await stub.FleetStatus(scheduler_pb2.FleetStatusRequest())
+    assert status.shed_by_tier == {"free": sheds}
+    assert _placements("shed", "free") == shed_before + sheds
+    assert _placements("new", "free") == new_before + 1
+    tiers = {
+        s.labels["tier"]
+        for m in REGISTRY.collect()
+        if m.name == "kvgate_scheduler_placements"
+        for s in m.samples
+    }
+    assert tiers <= {"free", "plus", "enterprise"}, tiers
 
 
 async def test_redis_down_means_unavailable_with_a_hint_then_recovery(fleet: Fleet) -> None:
