@@ -10,7 +10,9 @@ from scheduler.policy import FleetView
 
 PLACEMENTS = Counter(
     "kvgate_scheduler_placements_total",
-    "Placement decisions by outcome (new, pinned_hit, moved, shed) and tier (unknown tiers count as free)",
+    "Placement decisions by outcome (new, pinned_hit, moved; shed: at capacity; no_worker: no live "
+    "worker serves the model; too_large: no worker could ever hold it) and tier (unknown tiers count "
+    "as free)",
     ["outcome", "tier"],
 )
 

@@ -17,7 +17,7 @@ from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler import metrics
 from scheduler.fleet_cache import FleetCache
 from scheduler.pin_hints import PinHints
-from scheduler.policy import Placed, PlacementRequest, Policy, Shed
+from scheduler.policy import Placed, PlacementRequest, Policy, Shed, ShedCode
 from scheduler.store import FleetStore, ReserveStatus
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,17 @@ OUTCOME_TO_PROTO = {
     "new": scheduler_pb2.PLACE_OUTCOME_NEW,
     "pinned_hit": scheduler_pb2.PLACE_OUTCOME_PINNED_HIT,
     "moved": scheduler_pb2.PLACE_OUTCOME_MOVED,
+}
+SHED_CODE_TO_PROTO = {
+    ShedCode.AT_CAPACITY: scheduler_pb2.SHED_CODE_AT_CAPACITY,
+    ShedCode.NO_WORKER: scheduler_pb2.SHED_CODE_NO_WORKER,
+    ShedCode.TOO_LARGE: scheduler_pb2.SHED_CODE_TOO_LARGE,
+}
+# The placements counter's outcome label of each kind of refusal.
+SHED_OUTCOME = {
+    ShedCode.AT_CAPACITY: "shed",
+    ShedCode.NO_WORKER: "no_worker",
+    ShedCode.TOO_LARGE: "too_large",
 }
 # Bounds on waiting for a full pinned worker inside one Place (the policy estimates the wait).
 MAX_PIN_WAIT_S = 5.0
@@ -203,11 +214,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self._give_back(request.request_id, holds)
         assert isinstance(decision, Shed)
         shed_tier = decision.tier or tier
-        await self._store.count_shed(shed_tier)
-        metrics.placements("shed", shed_tier).inc()
+        if decision.code is ShedCode.AT_CAPACITY:
+            # Only a full fleet counts as shedding: a missing model or an oversized request is not
+            # something capacity (or the tier) decided.
+            await self._store.count_shed(shed_tier)
+        metrics.placements(SHED_OUTCOME[decision.code], shed_tier).inc()
         return scheduler_pb2.PlaceResponse(
             shed=scheduler_pb2.Shed(
-                retry_after_ms=math.ceil(decision.retry_after_s * 1000), reason=decision.reason
+                retry_after_ms=math.ceil(decision.retry_after_s * 1000),
+                reason=decision.reason,
+                code=SHED_CODE_TO_PROTO[decision.code],
+                tokens_needed=tokens,
+                tokens_limit=decision.limit_tokens,
             )
         )
 
