@@ -219,12 +219,12 @@ class TurnRunner:
             first_turn=job.first_turn and not excluded,
         )
         response = await self._place_once(request, job.deadline)
-        if response.WhichOneof("result") == "shed" and self._admission.enter():
+        if _may_wait(response) and self._admission.enter():
             # Bounded admission wait: ask again while capacity may free up (see gateway/admission.py).
             waiting_since = time.monotonic()
             outcome = "cancelled"  # the client went away (or the deadline passed) while waiting
             try:
-                while response.WhichOneof("result") == "shed":
+                while _may_wait(response):
                     pause_s = self._admission.next_poll_s(
                         response.shed.retry_after_ms,
                         time.monotonic() - waiting_since,
@@ -238,7 +238,7 @@ class TurnRunner:
             finally:
                 self._admission.leave(outcome)
         if response.WhichOneof("result") == "shed":
-            raise AtCapacity(response.shed.retry_after_ms, response.shed.reason)
+            raise _refusal(response.shed, request, job)
         progress.worker_id = response.placed.worker_id
         progress.region = response.placed.region
         placed: scheduler_pb2.Placed = response.placed
@@ -278,6 +278,28 @@ class TurnRunner:
         task = asyncio.create_task(release())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _may_wait(response: scheduler_pb2.PlaceResponse) -> bool:
+    """A shed the fleet may lift within an admission wait: not a request too large for any worker."""
+    return response.WhichOneof("result") == "shed" and response.shed.code != scheduler_pb2.SHED_CODE_TOO_LARGE
+
+
+def _refusal(shed: scheduler_pb2.Shed, request: scheduler_pb2.PlaceRequest, job: TurnJob) -> Exception:
+    """What the client is told: the fleet is full (retry), the model has no live worker (retry
+    later: UNAVAILABLE), or the request can never fit (INVALID_ARGUMENT, naming both numbers)."""
+    if shed.code == scheduler_pb2.SHED_CODE_TOO_LARGE:
+        return TurnRejected(
+            f"max_tokens too large for this conversation: its prompt (~{request.prompt_tokens} tokens) "
+            f"plus max_tokens ({request.max_new_tokens}) need {shed.tokens_needed} KV tokens, more than "
+            f"the {shed.tokens_limit} a worker serving {job.model} can hold for the {job.tier} tier; "
+            "shorten the conversation or lower max_tokens"
+        )
+    if shed.code == scheduler_pb2.SHED_CODE_NO_WORKER:
+        return PlacementUnavailable(
+            f"{shed.reason}; retry after the pushback delay", shed.retry_after_ms or 1000
+        )
+    return AtCapacity(shed.retry_after_ms, shed.reason)
 
 
 def _remaining(deadline: float | None) -> float | None:

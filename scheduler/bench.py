@@ -3,7 +3,8 @@
 Two `kvgate scheduler` processes share one Redis holding 64 registered workers; an
 open-loop client sends Place RPCs at a fixed rate, alternating replicas, half of them
 continuing earlier sessions (pins). Reported side by side from one run:
-- latency inside the schedulers (policy + atomic commit), from their Prometheus histograms;
+- latency inside the schedulers (policy + atomic commit), from their Prometheus histograms,
+  scraped before and after the measured window (the warm-up is not counted);
 - the client-side Place round trip;
 - a bare Redis round trip (PING), the floor for any atomic placement: sent through the same
   pipelined connection the schedulers place with (scheduler/redis_mux.py), a few hundred a
@@ -173,9 +174,9 @@ async def _load(
     return latencies, shed, errors
 
 
-def _histogram_quantiles(metrics_ports: list[int], quantiles: tuple[float, ...]) -> list[float]:
-    """Quantiles (s) of the summed kvgate_scheduler_placement_seconds histograms, interpolated
-    within buckets the way Prometheus's histogram_quantile does."""
+def _scrape_placement_histogram(metrics_ports: list[int]) -> dict[float, float]:
+    """Cumulative bucket counts (upper bound -> count) of the kvgate_scheduler_placement_seconds
+    histograms of all replicas, summed."""
     buckets: dict[float, float] = {}
     for port in metrics_ports:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -184,8 +185,20 @@ def _histogram_quantiles(metrics_ports: list[int], quantiles: tuple[float, ...])
                 le = line.split('le="', 1)[1].split('"', 1)[0]
                 bound = float("inf") if le == "+Inf" else float(le)
                 buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def window_quantiles(
+    before: dict[float, float], after: dict[float, float], quantiles: tuple[float, ...]
+) -> list[float]:
+    """Quantiles (s) of the observations made between two scrapes of a cumulative histogram (the
+    warm-up before the measured window must not count), interpolated within buckets the way
+    Prometheus's histogram_quantile does."""
+    buckets = {bound: count - before.get(bound, 0.0) for bound, count in after.items()}
     bounds = sorted(buckets)
     total = buckets[bounds[-1]]
+    if total <= 0:
+        raise ValueError("no placements observed between the two scrapes")
     out = []
     for q in quantiles:
         rank, lower, below = q * total, 0.0, 0.0
@@ -253,6 +266,8 @@ async def run_bench(args: argparse.Namespace, redis_url: str, progress: Any) -> 
         await loop.run_in_executor(prober, _probe_rtts, redis_url, 0.0, 1.0)
         progress(f"open-loop load: {args.rate:.0f} placements/s for {args.duration:.0f} s")
         pids = [pid for _, _, pid in endpoints]
+        metrics_ports = [p for _, p, _ in endpoints]
+        histogram_before = _scrape_placement_histogram(metrics_ports)
         cpu_before = [process_cpu_s(pid) for pid in (*pids, os.getpid())]
         before = time.perf_counter()
         rtt_future = loop.run_in_executor(prober, _probe_rtts, redis_url, args.duration, RTT_PROBES_PER_S)
@@ -260,7 +275,9 @@ async def run_bench(args: argparse.Namespace, redis_url: str, progress: Any) -> 
         elapsed = time.perf_counter() - before
         cpu = [process_cpu_s(pid) - c for pid, c in zip((*pids, os.getpid()), cpu_before, strict=True)]
         rtts = await rtt_future
-        inside_p50, inside_p99 = _histogram_quantiles([p for _, p, _ in endpoints], (0.5, 0.99))
+        inside_p50, inside_p99 = window_quantiles(
+            histogram_before, _scrape_placement_histogram(metrics_ports), (0.5, 0.99)
+        )
     overcommits = await _overcommits(store, args.workers)
     await store.aclose()
     await client.aclose()

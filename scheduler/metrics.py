@@ -10,7 +10,9 @@ from scheduler.policy import FleetView
 
 PLACEMENTS = Counter(
     "kvgate_scheduler_placements_total",
-    "Placement decisions by outcome (new, pinned_hit, moved, shed) and tier",
+    "Placement decisions by outcome (new, pinned_hit, moved; shed: at capacity; no_worker: no live "
+    "worker serves the model; too_large: no worker could ever hold it) and tier (unknown tiers count "
+    "as free)",
     ["outcome", "tier"],
 )
 
@@ -62,21 +64,29 @@ COMMIT_CONFLICTS = Counter(
 TELEMETRY_MESSAGES = Counter(
     "kvgate_scheduler_telemetry_messages_total", "Telemetry messages ingested", ["kind", "outcome"]
 )
-FLEET_KV_TOKENS = Gauge("kvgate_scheduler_fleet_kv_tokens", "Fleet KV tokens by state", ["state"])
+FLEET_KV_TOKENS = Gauge(
+    "kvgate_scheduler_fleet_kv_tokens",
+    "KV tokens of the live workers by state (total, used, free)",
+    ["state"],
+)
 STALE_WORKERS = Gauge("kvgate_scheduler_stale_workers", "Workers whose telemetry is stale")
 
 
 def observe_fleet(fleet: FleetView) -> tuple[int, int, int]:
     """Set the fleet gauges from a snapshot: (total KV tokens, free KV tokens, stale workers) of
-    the workers alive in it. Called on every snapshot refresh, so the gauges are as fresh as
-    the placements' view of the fleet even when nobody asks for FleetStatus."""
-    total = free = stale = 0
+    the workers alive in it, and the gauge of used KV tokens (held by running or cached-but-
+    referenced blocks; total - used - free is reserved for placements not yet admitted). Called
+    on every snapshot refresh, so the gauges are as fresh as the placements' view of the fleet
+    even when nobody asks for FleetStatus."""
+    total = used = free = stale = 0
     for w in fleet.workers.values():
         if fleet.is_alive(w):
             total += w.capacity_tokens
+            used += w.num_blocks_used * w.block_size
             free += max(0, w.free_tokens)
             stale += w.age_s > fleet.stale_after_s
     FLEET_KV_TOKENS.labels("total").set(total)
+    FLEET_KV_TOKENS.labels("used").set(used)
     FLEET_KV_TOKENS.labels("free").set(free)
     STALE_WORKERS.set(stale)
     return total, free, stale

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import redis.exceptions
@@ -17,8 +17,8 @@ from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler import metrics
 from scheduler.fleet_cache import FleetCache
 from scheduler.pin_hints import PinHints
-from scheduler.policy import Placed, PlacementRequest, Policy, Shed
-from scheduler.store import FleetStore, ReserveResult, ReserveStatus
+from scheduler.policy import Placed, PlacementRequest, Policy, Shed, ShedCode
+from scheduler.store import FleetStore, ReserveStatus
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,32 @@ OUTCOME_TO_PROTO = {
     "pinned_hit": scheduler_pb2.PLACE_OUTCOME_PINNED_HIT,
     "moved": scheduler_pb2.PLACE_OUTCOME_MOVED,
 }
+SHED_CODE_TO_PROTO = {
+    ShedCode.AT_CAPACITY: scheduler_pb2.SHED_CODE_AT_CAPACITY,
+    ShedCode.NO_WORKER: scheduler_pb2.SHED_CODE_NO_WORKER,
+    ShedCode.TOO_LARGE: scheduler_pb2.SHED_CODE_TOO_LARGE,
+}
+# The placements counter's outcome label of each kind of refusal.
+SHED_OUTCOME = {
+    ShedCode.AT_CAPACITY: "shed",
+    ShedCode.NO_WORKER: "no_worker",
+    ShedCode.TOO_LARGE: "too_large",
+}
 # Bounds on waiting for a full pinned worker inside one Place (the policy estimates the wait).
 MAX_PIN_WAIT_S = 5.0
 PIN_WAIT_POLL_S = 0.05
+# The wait also ends this long before the caller's deadline (the gateway's Place deadline is
+# 5 s too): the fallback candidates' commits and the answer must still reach it in time.
+PIN_WAIT_DEADLINE_MARGIN_S = 0.5
 # While Redis is away, tell clients to come back after this long.
 REDIS_DOWN_RETRY_MS = 1000
 MAX_TOKENS_PER_REQUEST = 10_000_000
 
 WorkerDrainer = Callable[[str], Awaitable[None]]
+# The reservations one Place has made and not handed to its client, by worker: (tokens, whether
+# the fleet snapshot counts them). A reserve whose reply never came (Redis failed, the Place was
+# cancelled) may hold in Redis or not; the snapshot has taken it back, and it is released too.
+Holds = dict[str, tuple[int, bool]]
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -55,16 +73,30 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         started = time.perf_counter()
+        holds: Holds = {}
         try:
-            response = await self._place(request)
-        except redis.exceptions.RedisError as exc:
+            response = await self._place(request, holds, context.time_remaining())
+        except BaseException as exc:
+            # Redis failed, or the Place was cancelled (the client went away, its deadline
+            # passed): what it reserved would otherwise stay booked for the reservation ttl.
+            self._give_back(request.request_id, holds)
+            if not isinstance(exc, redis.exceptions.RedisError):
+                raise
             log.warning("placement unavailable, Redis: %s", exc)
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(REDIS_DOWN_RETRY_MS)),))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler state store (Redis) unavailable")
+            await _redis_unavailable(context)
+        left = context.time_remaining()
+        if left is not None and left <= 0:
+            # Answered after the caller's deadline: it will not use the reservation.
+            self._give_back(request.request_id, holds)
         metrics.PLACEMENT_SECONDS.observe(time.perf_counter() - started)
         return response
 
-    async def _place(self, request: scheduler_pb2.PlaceRequest) -> scheduler_pb2.PlaceResponse:
+    async def _place(
+        self,
+        request: scheduler_pb2.PlaceRequest,
+        holds: Holds | None = None,
+        time_left_s: float | None = None,
+    ) -> scheduler_pb2.PlaceResponse:
         """Decide with the pin and the prefix index, commit atomically; usually one Redis round trip.
 
         The lookup (pin, prefix holders) and the commit would be two round trips in a row. So for
@@ -74,8 +106,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         with the lookup's answer; when it picks the guessed worker the reservation already
         holds. When it picks another (a cached prefix elsewhere, a pin moved by another replica),
         that one is committed as before and the guess is given back.
+
+        `holds` records what this placement reserves; it returns holding only the reservation its
+        answer hands to the caller (none for a shed). A wait on a full pinned worker ends in time
+        to answer within `time_left_s` (the caller's deadline).
         """
-        tier = request.tier or "free"
+        if holds is None:
+            holds = {}
+        answer_by = (
+            None if time_left_s is None else time.monotonic() + time_left_s - PIN_WAIT_DEADLINE_MARGIN_S
+        )
+        # Unknown tiers get the fallback tier's headroom (KvgateConfig): named so in metrics and
+        # shed counts too, whose labels must stay the few configured tiers, not client text.
+        tier = self._policy.config.effective_tier(request.tier)
         block_hashes = list(request.block_hashes)
         fleet = await self._fleet.get()
         # Only prefix hits need to know who serves the model.
@@ -95,6 +138,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             client_region=request.client_region,
         )
         tokens = placement.tokens_needed
+        # The commit keeps the tier's headroom too: the policy's check alone is on a snapshot, and
+        # replicas placing at once would let a lower tier eat it.
+        headroom = self._policy.config.headroom_fraction(tier)
         # Guess only where the lookup rarely changes the answer: a session of unknown pin might
         # be pinned elsewhere, and a wrong guess costs a reservation given back.
         reads_lookup = self._policy.reads_pins_and_prefixes
@@ -108,7 +154,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         early = ""  # the guessed worker, once its reservation holds
         if isinstance(guess, Placed) and guess.candidates and not guess.wait_for_pinned:
             pinned, prefix_hits, early = await self._lookup_and_reserve(
-                request, serving, block_hashes, guess.candidates[0], tokens
+                request, serving, block_hashes, guess.candidates[0], tokens, headroom, holds
             )
         else:
             pinned, prefix_hits = await self._store.lookup(request.session_id, serving, block_hashes)
@@ -138,11 +184,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             for i, worker_id in enumerate(decision.candidates):
                 if worker_id != early:
                     wait_s = decision.expected_wait_s if i == 0 and decision.wait_for_pinned else 0.0
-                    if not await self._commit(worker_id, request.request_id, tokens, wait_s):
+                    if not await self._commit(
+                        holds, worker_id, request.request_id, tokens, headroom, wait_s, answer_by
+                    ):
                         metrics.COMMIT_CONFLICTS.inc()
                         continue
-                    if early:
-                        self._give_back(early, request.request_id, tokens)
+                self._give_back(request.request_id, holds, keep=worker_id)
                 worker = fleet.workers[worker_id]
                 outcome = decision.outcome_for(worker_id)
                 self._pin_hints.remember(request.session_id, worker_id)
@@ -166,15 +213,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             # Every candidate filled up between snapshot and commit: the snapshot is out of date.
             self._fleet.invalidate()
             decision = Shed(retry_after_s=0.5, reason="at capacity", tier=tier)
-        if early:
-            self._give_back(early, request.request_id, tokens)
+        self._give_back(request.request_id, holds)
         assert isinstance(decision, Shed)
         shed_tier = decision.tier or tier
-        await self._store.count_shed(shed_tier)
-        metrics.placements("shed", shed_tier).inc()
+        if decision.code is ShedCode.AT_CAPACITY:
+            # Only a full fleet counts as shedding: a missing model or an oversized request is not
+            # something capacity (or the tier) decided.
+            await self._store.count_shed(shed_tier)
+        metrics.placements(SHED_OUTCOME[decision.code], shed_tier).inc()
         return scheduler_pb2.PlaceResponse(
             shed=scheduler_pb2.Shed(
-                retry_after_ms=math.ceil(decision.retry_after_s * 1000), reason=decision.reason
+                retry_after_ms=math.ceil(decision.retry_after_s * 1000),
+                reason=decision.reason,
+                code=SHED_CODE_TO_PROTO[decision.code],
+                tokens_needed=tokens,
+                tokens_limit=decision.limit_tokens,
             )
         )
 
@@ -185,62 +238,82 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         block_hashes: list[int],
         worker_id: str,
         tokens: int,
+        headroom: float,
+        holds: Holds,
     ) -> tuple[str | None, dict[str, int], str]:
         """The lookup and a reservation on the guessed worker, in one round trip (both are issued
         in this tick, so the connection sends them in one write): (pin, prefix hits, the guessed
-        worker if its reservation holds, else "")."""
-        self._fleet.begin_reservation(worker_id, tokens)
-        committed = False
-        try:
-            looked, reserved = await asyncio.gather(
-                self._store.lookup(request.session_id, serving, block_hashes),
-                self._store.reserve(worker_id, request.request_id, tokens),
-                return_exceptions=True,
-            )
-            committed = isinstance(reserved, ReserveResult) and reserved.status == ReserveStatus.RESERVED
-        finally:
-            self._fleet.end_reservation(worker_id, tokens, committed)
+        worker if its reservation holds, else ""). On an error the caller gives back `holds`."""
+        looked, reserved = await asyncio.gather(
+            self._store.lookup(request.session_id, serving, block_hashes),
+            self._reserve(holds, worker_id, request.request_id, tokens, headroom),
+            return_exceptions=True,
+        )
         if isinstance(looked, BaseException):
-            if committed:
-                self._give_back(worker_id, request.request_id, tokens)
             raise looked
         if isinstance(reserved, BaseException):
-            # Unknown whether it holds: it expires with its ttl, as after any lost reply.
             raise reserved
+        committed = reserved == ReserveStatus.RESERVED
         if not committed:
             metrics.COMMIT_CONFLICTS.inc()
         pinned, prefix_hits = looked
         return pinned, prefix_hits, worker_id if committed else ""
 
-    def _give_back(self, worker_id: str, request_id: str, tokens: int) -> None:
-        """Release a reservation this placement made but does not use (never reserved again by it)."""
-        self._fleet.adjust(worker_id, -tokens)
+    async def _reserve(
+        self, holds: Holds, worker_id: str, request_id: str, tokens: int, headroom: float
+    ) -> ReserveStatus:
+        """One reserve: counted in the fleet snapshot while in flight, so that concurrent placements
+        here see it, and in `holds` until its reply says it did not take."""
+        self._fleet.begin_reservation(worker_id, tokens)
+        holds[worker_id] = (tokens, False)
+        committed = False
+        try:
+            result = await self._store.reserve(worker_id, request_id, tokens, headroom_fraction=headroom)
+            committed = result.status == ReserveStatus.RESERVED
+        finally:
+            self._fleet.end_reservation(worker_id, tokens, committed)
+        if committed:
+            holds[worker_id] = (tokens, True)
+        else:
+            # reserve.lua drops a request's earlier reservation on the worker before checking.
+            del holds[worker_id]
+        return result.status
 
-        async def release() -> None:
-            await self._store.release(worker_id, request_id)
+    def _give_back(self, request_id: str, holds: Holds, keep: str = "") -> None:
+        """Release what this placement reserved (or may have) and does not use, but `keep`."""
+        for worker_id in [w for w in holds if w != keep]:
+            tokens, counted = holds.pop(worker_id)
+            if counted:
+                self._fleet.adjust(worker_id, -tokens)
+            # Sent on the placement connection, after any reserve still in flight there.
+            self._spawn(self._store.release(worker_id, request_id))
 
-        self._spawn(release())
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.create_task(_suppress_redis_errors(coro))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _commit(self, worker_id: str, request_id: str, tokens: int, wait_s: float) -> bool:
+    async def _commit(
+        self,
+        holds: Holds,
+        worker_id: str,
+        request_id: str,
+        tokens: int,
+        headroom: float,
+        wait_s: float,
+        answer_by: float | None,
+    ) -> bool:
         """Reserve on one worker; for a pinned worker worth waiting for, retry until it has room
-        (its running requests finish and its telemetry shows the freed blocks) or wait_s passes."""
-        deadline = time.monotonic() + min(wait_s, MAX_PIN_WAIT_S)
+        (its running requests finish and its telemetry shows the freed blocks), wait_s passes or
+        the answer is due (`answer_by`, monotonic time)."""
+        until = time.monotonic() + min(wait_s, MAX_PIN_WAIT_S)
+        if answer_by is not None:
+            until = min(until, answer_by)
         while True:
-            self._fleet.begin_reservation(worker_id, tokens)
-            committed = False
-            try:
-                result = await self._store.reserve(worker_id, request_id, tokens)
-                committed = result.status == ReserveStatus.RESERVED
-            finally:
-                self._fleet.end_reservation(worker_id, tokens, committed)
-            if committed:
+            status = await self._reserve(holds, worker_id, request_id, tokens, headroom)
+            if status == ReserveStatus.RESERVED:
                 return True
-            if result.status != ReserveStatus.NO_ROOM or time.monotonic() >= deadline:
+            if status != ReserveStatus.NO_ROOM or time.monotonic() + PIN_WAIT_POLL_S > until:
                 return False
             await asyncio.sleep(PIN_WAIT_POLL_S)
 
@@ -266,8 +339,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             shed = await self._store.shed_counts()
             placed = await self._store.placement_counts()
         except redis.exceptions.RedisError:
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(REDIS_DOWN_RETRY_MS)),))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler state store (Redis) unavailable")
+            await _redis_unavailable(context)
         response = scheduler_pb2.FleetStatusResponse(shed_by_tier=shed, placements_by_outcome=placed)
         for wid in ids:
             w = fleet.workers[wid]
@@ -298,14 +370,25 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.DrainWorkerResponse:
         if not request.worker_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id is required")
-        found = await self._store.set_draining(request.worker_id)
-        if found:
-            self._fleet.invalidate()
-            await self._drain_worker(request.worker_id)
+        try:
+            found = await self._store.set_draining(request.worker_id)
+            if found:
+                self._fleet.invalidate()
+                await self._drain_worker(request.worker_id)
+        except redis.exceptions.RedisError as exc:
+            # Safe to retry: marking a worker draining again changes nothing.
+            log.warning("drain of %s unavailable, Redis: %s", request.worker_id, exc)
+            await _redis_unavailable(context)
         return scheduler_pb2.DrainWorkerResponse(found=found)
 
 
-async def _suppress_redis_errors(coro: Coroutine[Any, Any, None]) -> None:
+async def _redis_unavailable(context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+    context.set_trailing_metadata((("grpc-retry-pushback-ms", str(REDIS_DOWN_RETRY_MS)),))
+    await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler state store (Redis) unavailable")
+    raise AssertionError("unreachable: context.abort raises")
+
+
+async def _suppress_redis_errors(coro: Coroutine[Any, Any, object]) -> None:
     try:
         await coro
     except redis.exceptions.RedisError as exc:

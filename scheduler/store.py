@@ -106,7 +106,9 @@ class FleetStore:
         # connection; everything else uses redis-py (see redis_mux.py for why).
         self._mux = RedisMux.like(client)
         self._reserve = ScriptRef.of(_lua("reserve.lua", reservations=True))
-        self._release = client.register_script(_lua("release.lua", reservations=True))
+        # On the placement connection too: a give-back sent after a reserve whose reply never came
+        # (a cancelled Place) reaches Redis after it, on the same connection, and so undoes it.
+        self._release = ScriptRef.of(_lua("release.lua", reservations=True))
         self._ingest = client.register_script(_lua("ingest_stats.lua", reservations=True, telemetry=True))
         self._ingest_status = client.register_script(_lua("ingest_status.lua", telemetry=True))
         self._ingest_kv = client.register_script(_lua("ingest_kv.lua", telemetry=True))
@@ -398,8 +400,16 @@ class FleetStore:
         )
 
     async def reserve(
-        self, worker_id: str, request_id: str, tokens: int, *, allow_draining: bool = False
+        self,
+        worker_id: str,
+        request_id: str,
+        tokens: int,
+        *,
+        headroom_fraction: float = 0.0,
+        allow_draining: bool = False,
     ) -> ReserveResult:
+        """Reserve `tokens` if they fit in the worker's free KV less `headroom_fraction` of its
+        capacity (the request tier's headroom, kept for higher tiers)."""
         # Safe to resend: a retried request id replaces its own reservation (reserve.lua).
         status, free_after = await self._mux.evalsha(
             self._reserve,
@@ -412,13 +422,18 @@ class FleetStore:
                 "1" if allow_draining else "0",
                 self.frozen_clock_ms,
                 self.resumed_ms,
+                repr(float(headroom_fraction)),
             ],
             retry=True,
         )
         return ReserveResult(ReserveStatus(int(status)), int(free_after))
 
     async def release(self, worker_id: str, request_id: str) -> bool:
-        return bool(await self._release(keys=keys.worker_reservation_keys(worker_id), args=[request_id]))
+        # Safe to resend: releasing a reservation that is gone is a no-op.
+        released = await self._mux.evalsha(
+            self._release, keys.worker_reservation_keys(worker_id), [request_id], retry=True
+        )
+        return bool(released)
 
     async def reserved_tokens(self, worker_id: str) -> int:
         """Sum of the worker's reservation hash (for checks; placement uses the running total)."""
@@ -435,7 +450,9 @@ class FleetStore:
         if session_id:
             commands.append(("SET", keys.session_pin(session_id), worker_id, "PX", ttl_ms))
             pins = keys.worker_pins(worker_id)
-            # Expired entries are ignored by status_extras (ZCOUNT from now) and trimmed there.
+            # Expired entries go here, in the same write, so the index stays bounded by the
+            # sessions pinned within one idle ttl whether or not anyone runs `kvgate status`.
+            commands.append(("ZREMRANGEBYSCORE", pins, "-inf", now_ms))
             commands.append(("ZADD", pins, now_ms + ttl_ms, session_id))
             commands.append(("PEXPIRE", pins, ttl_ms))
             if previous_worker and previous_worker != worker_id:

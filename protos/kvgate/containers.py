@@ -105,7 +105,8 @@ class RedisServer(_Server):
             container = container.with_volume_mapping(str(tls_dir), "/tls", "ro")
         super().__init__(
             container.with_command(
-                f"redis-server {listen} --bind 0.0.0.0 --protected-mode no --appendonly yes --save ''" + options
+                f"redis-server {listen} --bind 0.0.0.0 --protected-mode no --appendonly yes --save ''"
+                + options
             )
         )
 

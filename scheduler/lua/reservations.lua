@@ -1,6 +1,9 @@
 -- Shared prelude of the scripts that touch a worker's reservations (prepended at load time).
 -- A worker's reservations: HASH request id -> tokens, ZSET request id -> expiry (ms), and the
 -- running total in its info hash field 'reserved', so checking capacity is O(1), not O(reservations).
+-- The three change together in these scripts only, and neither key has a Redis ttl: a key that
+-- expired would take its entries with it but leave their tokens in the total, and the worker
+-- would look full until it went offline. prune_expired bounds them instead.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -24,5 +27,10 @@ local function prune_expired(info, resv, expiry, now)
   local expired = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, 256)
   for _, request_id in ipairs(expired) do
     drop_reservation(info, resv, expiry, request_id)
+  end
+  -- No reservations, nothing reserved: heals a total whose hash vanished under it (earlier
+  -- versions gave the hash a ttl; a manual DEL does the same).
+  if redis.call('EXISTS', resv) == 0 and tonumber(redis.call('HGET', info, 'reserved') or '0') ~= 0 then
+    redis.call('HSET', info, 'reserved', 0)
   end
 end

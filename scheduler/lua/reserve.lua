@@ -4,6 +4,8 @@
 -- ARGV[5] "1" if a draining worker may still take it, ARGV[6] telemetry clock ms (0: none):
 -- when it is behind Redis time the broker is away, and ages are measured against it;
 -- ARGV[7] telemetry resume time ms (0: none): ages count from no earlier than it.
+-- ARGV[8] the request tier's headroom: the fraction of the worker's KV it must leave free for
+-- higher tiers (checked here, not only in the policy, so concurrent replicas cannot eat it).
 -- Returns {status, free_after}: 1 reserved, 0 does not fit, -1 unknown worker,
 -- -2 not accepting (offline/draining/dead).
 local info, resv, expiry = KEYS[1], KEYS[2], KEYS[3]
@@ -27,15 +29,14 @@ prune_expired(info, resv, expiry, now)
 -- A retried request (same id) replaces its own reservation instead of adding a second one.
 drop_reservation(info, resv, expiry, ARGV[1])
 local reserved = tonumber(redis.call('HGET', info, 'reserved') or '0')
-local free = (tonumber(w[3]) - tonumber(w[4])) * tonumber(w[2]) - reserved
+local capacity = tonumber(w[3]) * tonumber(w[2])
+local free = capacity - tonumber(w[4]) * tonumber(w[2]) - reserved
 local want = tonumber(ARGV[2])
-if free < want then
+if free - tonumber(ARGV[8] or '0') * capacity < want then
   return {0, free}
 end
 local ttl = tonumber(ARGV[3])
 redis.call('HSET', resv, ARGV[1], want)
 redis.call('ZADD', expiry, now + ttl, ARGV[1])
 redis.call('HINCRBY', info, 'reserved', want)
-redis.call('PEXPIRE', resv, ttl * 2)
-redis.call('PEXPIRE', expiry, ttl * 2)
 return {1, free - want}

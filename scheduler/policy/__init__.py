@@ -20,6 +20,7 @@ from scheduler.policy.model import (
     Placed,
     PlacementRequest,
     Shed,
+    ShedCode,
     WorkerState,
     WorkerView,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "ServesModel",
     "SessionHashPolicy",
     "Shed",
+    "ShedCode",
     "WeightedScorer",
     "WorkerState",
     "WorkerView",

@@ -3,6 +3,8 @@ the fleet by free KV tokens, and shed honestly (lowest tiers first) when nothing
 
 from __future__ import annotations
 
+import math
+
 from scheduler.policy.config import KvgateConfig
 from scheduler.policy.framework import Filter, Pipeline, WeightedScorer
 from scheduler.policy.model import (
@@ -11,6 +13,7 @@ from scheduler.policy.model import (
     Placed,
     PlacementRequest,
     Shed,
+    ShedCode,
     WorkerState,
     WorkerView,
 )
@@ -140,33 +143,61 @@ class KvgatePolicy:
 
 
 def estimate_shed(request: PlacementRequest, fleet: FleetView, config: KvgateConfig) -> Shed:
-    """A shed decision with a retry hint: the time the fleet's drain rate needs to free the
-    deficit on the worker closest to fitting the request (with its tier's headroom)."""
+    """Why nothing takes the request, and when to retry. TOO_LARGE: it needs more than any live
+    worker serving the model could ever hold for its tier (capacity less the tier's headroom),
+    so no retry helps and there is no hint. NO_WORKER: no live worker serving the model that
+    could hold it accepts requests (none runs, the rest drain or failed this request). Else
+    AT_CAPACITY, with the time the drain rate of the workers that could take it needs to free the
+    deficit on the one closest to fitting it (with its tier's headroom)."""
     tier = config.effective_tier(request.tier)
     headroom = config.headroom_fraction(request.tier)
     need = request.tokens_needed
     model = request.model
     excluded = request.exclude_workers
     serving = 0
+    # The tier's room on the largest live worker serving the model, as the Fits filter computes
+    # it for an empty worker. Draining and excluded workers count: their size says what the
+    # model's workers can hold.
+    largest = 0.0
     best_spare: float | None = None
     drain = 0.0
     for w in fleet.workers.values():
         if w.model != model or not fleet.is_alive(w):
             continue
         serving += 1
-        if w.state != WorkerState.READY or w.worker_id in excluded:
+        room = w.capacity_tokens - headroom * w.capacity_tokens
+        largest = max(largest, room)
+        if w.state != WorkerState.READY or w.worker_id in excluded or room < need:
             continue
-        # Only workers that could take the request later count: room a draining or excluded
-        # worker frees does not help this request.
+        # Only workers that could take the request later count: room that a draining or excluded
+        # worker frees, or one too small for it, does not help this request.
         drain += w.tokens_per_s
         spare = spare_tokens(fleet, w, headroom)
         if best_spare is None or spare > best_spare:
             best_spare = spare
     if serving == 0:
-        return Shed(retry_after_s=_NO_WORKER_RETRY_S, reason=f"no live worker serves {model}", tier=tier)
+        return Shed(
+            retry_after_s=_NO_WORKER_RETRY_S,
+            reason=f"no live worker serves {model}",
+            tier=tier,
+            code=ShedCode.NO_WORKER,
+        )
+    if need > largest:
+        limit = math.floor(largest)
+        return Shed(
+            retry_after_s=0.0,
+            reason=f"needs {need} KV tokens; a worker serving {model} holds at most {limit} "
+            f"for the {tier} tier",
+            tier=tier,
+            code=ShedCode.TOO_LARGE,
+            limit_tokens=limit,
+        )
     if best_spare is None:
         return Shed(
-            retry_after_s=_NO_WORKER_RETRY_S, reason=f"no worker serving {model} accepts it", tier=tier
+            retry_after_s=_NO_WORKER_RETRY_S,
+            reason=f"no worker serving {model} that could hold it accepts requests",
+            tier=tier,
+            code=ShedCode.NO_WORKER,
         )
     deficit = max(1.0, need - best_spare)
     # The whole fleet's drain rate against one worker's deficit is optimistic (that worker frees

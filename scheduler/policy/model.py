@@ -150,6 +150,18 @@ class Placed:
         return Outcome.PINNED_HIT if worker_id == self.pinned_worker else Outcome.MOVED
 
 
+class ShedCode(enum.StrEnum):
+    """Why a request is not placed: what the caller should do differs."""
+
+    # No room for the request's tier right now: retry after the hint (the fleet drains).
+    AT_CAPACITY = "at_capacity"
+    # No live worker serving the model takes new requests (none runs it, all drain, all excluded).
+    NO_WORKER = "no_worker"
+    # More tokens than any live worker serving the model can ever hold for the tier: no retry
+    # helps, only a smaller request.
+    TOO_LARGE = "too_large"
+
+
 @dataclass(frozen=True)
 class Shed:
     retry_after_s: float
@@ -158,6 +170,9 @@ class Shed:
     # The tier whose headroom was applied (unknown tiers are normalised to "free"), so per-tier
     # shed counters only ever see the configured tier names.
     tier: str = ""
+    code: ShedCode = ShedCode.AT_CAPACITY
+    # TOO_LARGE: the most KV tokens one live worker serving the model can hold for the tier.
+    limit_tokens: int = 0
 
 
 Decision = Placed | Shed

@@ -28,6 +28,10 @@ class Policy(Protocol):
     @property
     def reads_pins_and_prefixes(self) -> bool: ...
 
+    # Tier headroom and candidate count; the live scheduler's commit enforces the same headroom.
+    @property
+    def config(self) -> KvgateConfig: ...
+
     def place(self, request: PlacementRequest, fleet: FleetView) -> Decision: ...
 
 

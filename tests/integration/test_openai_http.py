@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -181,17 +182,29 @@ async def test_a_prompt_the_worker_rejects_is_a_400_even_when_streaming(fleet: F
 
 
 async def test_a_full_fleet_is_a_rate_limit_error_with_retry_after(fleet: Fleet) -> None:
-    # 8 blocks of 16 tokens: no worker can hold a 500-token turn, so the scheduler sheds it.
-    await fleet.start({"us-1": ("us-east", 8)}, http=True)
+    # 40 blocks of 16 tokens: one ~350-token turn fits; while it runs a second does not (the free
+    # tier also keeps 10% free), so the scheduler sheds it. (A turn no worker could hold at all
+    # is a 400 instead: test_shed_codes.py.)
+    await fleet.start({"us-1": ("us-east", 40)}, http=True, time_scale=3.0)
+    prompt = " ".join(f"w{i}" for i in range(300))
     async with client(fleet) as oai:
+        first = asyncio.create_task(
+            oai.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=150
+            )
+        )
+        await asyncio.sleep(0.5)  # placed and streaming
         for stream in (False, True):
             with pytest.raises(openai.RateLimitError) as shed:
                 await oai.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=500, stream=stream
-                )
+                    model=MODEL, messages=[{"role": "user", "content": prompt + " again"}], max_tokens=60,
+                    stream=stream,
+                )  # fmt: skip
             assert shed.value.code == "at_capacity"
             retry_after = shed.value.response.headers["retry-after"]
             assert retry_after.isdigit() and int(retry_after) >= 1
+        assert not first.done()
+        assert (await first).usage.completion_tokens == 150  # type: ignore[union-attr]
 
 
 async def test_the_raw_wire_is_openai_shaped(fleet: Fleet) -> None:

@@ -69,6 +69,7 @@ async def test_every_snapshot_read_sets_the_fleet_gauges(store: FleetStore) -> N
     cache = FleetCache(store, max_age_s=3600)
     await cache.get()  # no FleetStatus call: the placements' own snapshot read sets them
     assert gauge("total") == 1000 * 16
+    assert gauge("used") == 250 * 16
     assert gauge("free") == 750 * 16
     assert REGISTRY.get_sample_value("kvgate_scheduler_stale_workers") == 0
     cache.close()

@@ -1,12 +1,14 @@
 """A full fleet says so honestly: lower tiers shed first with a retry hint; Redis down is
-UNAVAILABLE with a hint, and placement recovers by itself."""
+UNAVAILABLE with a hint (placement and draining alike), and placement recovers by itself."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from kvgate.containers import RedisServer
 from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc, telemetry_pb2
@@ -53,6 +55,42 @@ async def test_full_fleet_sheds_free_tier_first_and_keeps_serving_enterprise(fle
         assert status.shed_by_tier == {"free": 1}
 
 
+def _placements(outcome: str, tier: str) -> float:
+    return (
+        REGISTRY.get_sample_value("kvgate_scheduler_placements_total", {"outcome": outcome, "tier": tier})
+        or 0
+    )
+
+
+async def test_unknown_tiers_are_counted_as_the_free_tier_they_are_placed_as(fleet: Fleet) -> None:
+    # The tier is client-controlled text to the scheduler: as a metric label it must not add series.
+    scheduler = await fleet.start_scheduler()
+    await _register(scheduler, {"w0": 1000}, used=920)  # free tier is shed here, enterprise is not
+    new_before, shed_before = _placements("new", "free"), _placements("shed", "free")
+    async with grpc.aio.insecure_channel(scheduler.address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        assert (await stub.Place(_place(1, "enterprise"))).WhichOneof("result") == "placed"
+        assert (await stub.Place(_place(2, "platinum"))).WhichOneof("result") == "shed"
+        await _register(scheduler, {"w0": 1000}, used=0)
+        sheds = 1
+        # Shed until this replica's snapshot (refreshed in the background) shows the room.
+        while (await stub.Place(_place(3, "Platinum!"))).WhichOneof("result") == "shed":
+            sheds += 1
+            assert sheds < 50
+            await asyncio.sleep(0.05)
+        status = await stub.FleetStatus(scheduler_pb2.FleetStatusRequest())
+    assert status.shed_by_tier == {"free": sheds}
+    assert _placements("shed", "free") == shed_before + sheds
+    assert _placements("new", "free") == new_before + 1
+    tiers = {
+        s.labels["tier"]
+        for m in REGISTRY.collect()
+        if m.name == "kvgate_scheduler_placements"
+        for s in m.samples
+    }
+    assert tiers <= {"free", "plus", "enterprise"}, tiers
+
+
 async def test_redis_down_means_unavailable_with_a_hint_then_recovery(fleet: Fleet) -> None:
     own_redis = RedisServer().start()
     try:
@@ -76,3 +114,24 @@ async def test_redis_down_means_unavailable_with_a_hint_then_recovery(fleet: Fle
             assert (await stub.Place(_place(3, "free"), timeout=30)).WhichOneof("result") == "placed"
     finally:
         own_redis.stop()
+
+
+async def test_drain_worker_with_redis_down_is_unavailable_with_a_hint(fleet: Fleet) -> None:
+    own_redis = RedisServer().start()
+    fleet.redis_url = own_redis.url
+    try:
+        scheduler = await fleet.start_scheduler()
+        await _register(scheduler, {"w0": 10_000})
+    except BaseException:
+        own_redis.stop()
+        raise
+    own_redis.stop()  # refuses connections from now on
+    async with grpc.aio.insecure_channel(scheduler.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await scheduler_pb2_grpc.SchedulerStub(channel).DrainWorker(
+                scheduler_pb2.DrainWorkerRequest(worker_id="w0"), timeout=30
+            )
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    assert "Redis" in (info.value.details() or "")
+    pushback = dict(info.value.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+    assert pushback is not None and int(pushback) > 0

@@ -72,8 +72,8 @@ def test_draining_and_other_model_workers_get_no_new_sessions() -> None:
 
 
 def test_full_fleet_sheds_with_a_retry_hint_from_the_drain_rate() -> None:
-    slow = KvgatePolicy().place(request(), fleet(worker("a", 10, 10, tokens_per_s=100.0)))
-    fast = KvgatePolicy().place(request(), fleet(worker("a", 10, 10, tokens_per_s=10_000.0)))
+    slow = KvgatePolicy().place(request(), fleet(worker("a", 1000, 1000, tokens_per_s=100.0)))
+    fast = KvgatePolicy().place(request(), fleet(worker("a", 1000, 1000, tokens_per_s=10_000.0)))
     assert isinstance(slow, Shed) and isinstance(fast, Shed)
     assert slow.reason == "at capacity"
     assert slow.retry_after_s > fast.retry_after_s > 0

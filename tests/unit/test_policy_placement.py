@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from scheduler.policy import (
+    POLICIES,
     BatchSweetSpot,
     Filter,
     FleetView,
@@ -20,9 +21,11 @@ from scheduler.policy import (
     PrefixAffinity,
     SameRegion,
     Shed,
+    ShedCode,
     WeightedScorer,
     WorkerState,
     WorkerView,
+    make_policy,
 )
 from tests.unit.test_policy import fleet, request, worker
 
@@ -316,3 +319,61 @@ def test_retry_after_ignores_workers_that_cannot_take_the_request() -> None:
 def test_shed_when_no_worker_serves_the_model() -> None:
     decision = KvgatePolicy().place(request(model="mystery"), _fleet_at(0.0))
     assert isinstance(decision, Shed) and "mystery" in decision.reason and decision.retry_after_s == 5.0
+    assert decision.code is ShedCode.NO_WORKER
+
+
+def test_no_worker_when_every_worker_serving_the_model_drains_or_is_excluded() -> None:
+    view = fleet(worker("a", 1000, state=WorkerState.DRAINING), worker("b", 1000))
+    decision = KvgatePolicy().place(request(exclude_workers=frozenset({"b"})), view)
+    assert (
+        isinstance(decision, Shed) and decision.code is ShedCode.NO_WORKER and decision.retry_after_s == 5.0
+    )
+
+
+def test_a_full_fleet_is_at_capacity() -> None:
+    decision = KvgatePolicy().place(request(), _fleet_at(0.92))
+    assert isinstance(decision, Shed) and decision.code is ShedCode.AT_CAPACITY and decision.limit_tokens == 0
+
+
+# The small worker holds 1,600 tokens, the big one 3,200 and is full: the free tier may use 2,880
+# of it once it empties.
+_SMALL_AND_FULL_BIG = (
+    worker("small", 100, 0, tokens_per_s=100.0),
+    worker("big", 200, 200, tokens_per_s=100.0),
+)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_request_no_worker_could_ever_hold_is_too_large_not_at_capacity(name: str) -> None:
+    view = fleet(*_SMALL_AND_FULL_BIG)
+    policy = make_policy(name)
+    later = policy.place(request(prompt_tokens=2780, max_new_tokens=100), view)  # 2,880: fits once empty
+    assert isinstance(later, Shed) and later.code is ShedCode.AT_CAPACITY and later.retry_after_s > 0
+    never = policy.place(request(prompt_tokens=2781, max_new_tokens=100), view)
+    assert isinstance(never, Shed) and never.code is ShedCode.TOO_LARGE
+    assert never.limit_tokens == 2880 and never.retry_after_s == 0.0 and never.tier == "free"
+    assert "2881" in never.reason and "2880" in never.reason
+
+
+def test_too_large_is_judged_with_the_tiers_headroom_and_every_live_worker_of_the_model() -> None:
+    view = fleet(*_SMALL_AND_FULL_BIG)
+    enterprise = KvgatePolicy().place(
+        request(prompt_tokens=3100, max_new_tokens=100, tier="enterprise"), view
+    )
+    assert isinstance(enterprise, Shed) and enterprise.code is ShedCode.AT_CAPACITY  # 3,200: all of "big"
+    # A draining or excluded big worker still says what the model's workers can hold: not TOO_LARGE,
+    # but no worker that could hold it takes requests now.
+    turn = request(prompt_tokens=2700, max_new_tokens=100)
+    small = _SMALL_AND_FULL_BIG[0]
+    draining = KvgatePolicy().place(turn, fleet(small, worker("big", 200, state=WorkerState.DRAINING)))
+    excluded = KvgatePolicy().place(
+        dataclasses.replace(turn, exclude_workers=frozenset({"big"})), fleet(small, worker("big", 200))
+    )
+    for decision in (draining, excluded):
+        assert isinstance(decision, Shed) and decision.code is ShedCode.NO_WORKER
+    # A dead big worker does not count: only live workers do.
+    gone = KvgatePolicy().place(
+        request(prompt_tokens=2700, max_new_tokens=100),
+        fleet(_SMALL_AND_FULL_BIG[0], worker("big", 200, 0, state=WorkerState.OFFLINE)),
+    )
+    assert isinstance(gone, Shed) and gone.code is ShedCode.TOO_LARGE and gone.limit_tokens == 1440

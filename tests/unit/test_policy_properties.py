@@ -3,6 +3,8 @@ and distinct, and a shed happens only when no worker could take the request."""
 
 from __future__ import annotations
 
+import math
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +19,7 @@ from scheduler.policy import (
     PlacementRequest,
     ServesModel,
     Shed,
+    ShedCode,
     WorkerState,
     WorkerView,
     default_filters,
@@ -89,8 +92,25 @@ def test_candidates_are_feasible_and_distinct_and_shed_only_when_nothing_fits(
     any_fits = any(_feasible(request, w, fleet) for w in fleet.workers.values())
     if isinstance(decision, Shed):
         assert not any_fits
-        assert 0.25 <= decision.retry_after_s <= 30.0
         assert decision.tier in CONFIG.tier_headroom
+        headroom = CONFIG.headroom_fraction(request.tier)
+        serving = [w for w in fleet.workers.values() if w.model == request.model and fleet.is_alive(w)]
+        largest = max((w.capacity_tokens - headroom * w.capacity_tokens for w in serving), default=None)
+        # Workers that could take the request once they have room.
+        takers = [
+            w
+            for w in serving
+            if w.state == WorkerState.READY
+            and w.worker_id not in request.exclude_workers
+            and request.tokens_needed <= w.capacity_tokens - headroom * w.capacity_tokens
+        ]
+        if decision.code is ShedCode.TOO_LARGE:
+            # No retry can help: even the largest live worker serving the model, empty, is too small.
+            assert largest is not None and request.tokens_needed > largest
+            assert decision.limit_tokens == math.floor(largest) and decision.retry_after_s == 0.0
+            return
+        assert 0.25 <= decision.retry_after_s <= 30.0
+        assert decision.code is (ShedCode.AT_CAPACITY if takers else ShedCode.NO_WORKER)
         return
     assert isinstance(decision, Placed)
     candidates = list(decision.candidates)

@@ -44,6 +44,40 @@ PLACE_OUTCOME_MOVED: PlaceOutcome.ValueType  # 3
 """The session was pinned elsewhere and moved."""
 Global___PlaceOutcome: _TypeAlias = PlaceOutcome  # noqa: Y015
 
+class _ShedCode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ShedCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShedCode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SHED_CODE_AT_CAPACITY: _ShedCode.ValueType  # 0
+    """The fleet has no room for the request's tier right now: retry after retry_after_ms."""
+    SHED_CODE_NO_WORKER: _ShedCode.ValueType  # 1
+    """No live worker serving the model takes new requests (none runs it, or all drain): retry
+    after retry_after_ms, when one may have come up.
+    """
+    SHED_CODE_TOO_LARGE: _ShedCode.ValueType  # 2
+    """The request needs more KV tokens (tokens_needed) than any live worker serving the model can
+    ever hold for its tier (tokens_limit): retrying cannot help; a smaller request can.
+    """
+
+class ShedCode(_ShedCode, metaclass=_ShedCodeEnumTypeWrapper):
+    """Why a request was not placed. AT_CAPACITY is 0 so that an older scheduler's answer (which has
+    no code) reads as what it meant.
+    """
+
+SHED_CODE_AT_CAPACITY: ShedCode.ValueType  # 0
+"""The fleet has no room for the request's tier right now: retry after retry_after_ms."""
+SHED_CODE_NO_WORKER: ShedCode.ValueType  # 1
+"""No live worker serving the model takes new requests (none runs it, or all drain): retry
+after retry_after_ms, when one may have come up.
+"""
+SHED_CODE_TOO_LARGE: ShedCode.ValueType  # 2
+"""The request needs more KV tokens (tokens_needed) than any live worker serving the model can
+ever hold for its tier (tokens_limit): retrying cannot help; a smaller request can.
+"""
+Global___ShedCode: _TypeAlias = ShedCode  # noqa: Y015
+
 @_typing.final
 class PlaceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -140,17 +174,29 @@ class Shed(_message.Message):
 
     RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    TOKENS_NEEDED_FIELD_NUMBER: _builtins.int
+    TOKENS_LIMIT_FIELD_NUMBER: _builtins.int
     retry_after_ms: _builtins.int
     reason: _builtins.str
+    code: Global___ShedCode.ValueType
+    tokens_needed: _builtins.int
+    """KV tokens the request needs (prompt + max new tokens), and for TOO_LARGE the most one live
+    worker serving the model can hold for the request's tier (0 otherwise).
+    """
+    tokens_limit: _builtins.int
     def __init__(
         self,
         *,
         retry_after_ms: _builtins.int = ...,
         reason: _builtins.str = ...,
+        code: Global___ShedCode.ValueType = ...,
+        tokens_needed: _builtins.int = ...,
+        tokens_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "reason", b"reason", "retry_after_ms", b"retry_after_ms", "tokens_limit", b"tokens_limit", "tokens_needed", b"tokens_needed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
