@@ -22,11 +22,22 @@ from gateway.gate import Gate
 from gateway.idempotency import RunningTurn
 from gateway.metrics import IN_FLIGHT_TURNS, TTFT_SECONDS, TURNS
 from gateway.relay import AtCapacity, PlacementUnavailable, TurnJob, TurnProgress, TurnRejected
-from gateway.sessions import Claim, SessionStore, TurnClaim, now_ms
+from gateway.sessions import Claim, SessionGone, SessionStore, TurnClaim, new_turn_id, now_ms
 from gateway.validation import Limits, check_max_tokens, check_messages, check_metadata, check_text, quoted
 from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
+
+# A failed append may have been applied with only its reply lost: the client is told how to retry
+# without storing the turn twice.
+NOT_SAVED_MESSAGE = (
+    "the reply may not have been saved (session store unavailable); send the turn again with the "
+    "same idempotency_key: it is replayed if it was saved, run again if not"
+)
+NOT_SAVED_NO_KEY_MESSAGE = (
+    "the reply may not have been saved (session store unavailable); check the session's history "
+    "(GetSession) before sending the turn again, or send turns with an idempotency_key"
+)
 
 AT_CAPACITY_MESSAGE = "kvgate is at capacity right now; retry after the pushback delay"
 
@@ -264,18 +275,27 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                 created_unix_ms=now_ms(),
             )
             try:
-                # Durable before acknowledged: Done is sent only once the turn is stored.
+                # Durable before acknowledged: Done is sent only once the turn is stored. The turn id
+                # makes the store's retry of an append whose reply was lost a no-op.
                 turn_index = await self._sessions.append_turn(
-                    caller.tenant, session.session_id, turn, request.idempotency_key
+                    caller.tenant, session.session_id, turn, request.idempotency_key or new_turn_id()
                 )
                 if running is not None:
                     running.stored = True
+            except SessionGone:
+                TURNS.labels(outcome="session_gone").inc()
+                await abort(
+                    context,
+                    grpc.StatusCode.NOT_FOUND,
+                    f"session_id {quoted(session.session_id)} was deleted while the turn ran; "
+                    "the reply was not stored",
+                )
             except redis.exceptions.RedisError:
                 TURNS.labels(outcome="not_saved").inc()
                 await abort_with_pushback(
                     context,
                     grpc.StatusCode.UNAVAILABLE,
-                    "the reply could not be saved (session store unavailable); send the turn again",
+                    NOT_SAVED_MESSAGE if request.idempotency_key else NOT_SAVED_NO_KEY_MESSAGE,
                     REDIS_DOWN_RETRY_MS,
                 )
         TURNS.labels(outcome="ok").inc()
