@@ -21,6 +21,7 @@ from gateway.auth import Caller
 from gateway.gate import Gate
 from gateway.idempotency import RunningTurn
 from gateway.metrics import IN_FLIGHT_TURNS, TTFT_SECONDS, TURNS
+from gateway.refunds import RefundUnlessServed
 from gateway.relay import AtCapacity, PlacementUnavailable, TurnJob, TurnProgress, TurnRejected
 from gateway.sessions import Claim, SessionGone, SessionStore, TurnClaim, new_turn_id, now_ms
 from gateway.validation import Limits, check_max_tokens, check_messages, check_metadata, check_text, quoted
@@ -225,11 +226,14 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             deadline=time.monotonic() + remaining if remaining is not None else None,
             first_turn=session is not None and not session.turns,
         )
-        # Charged at admission for the most the turn can cost: prompt plus every allowed token.
-        await self._gate.charge(
-            context, caller, requests=0, tokens=job.prompt_tokens_estimate + job.max_tokens
+        # Charged at admission for the most the turn can cost: prompt plus every allowed token;
+        # before the prompt's blocks are hashed (the relay's first step). Given back if the turn
+        # ends without being served.
+        charged = job.prompt_tokens_estimate + job.max_tokens
+        await self._gate.charge(context, caller, requests=0, tokens=charged)
+        runner = RefundUnlessServed(
+            self._quarantine if caller.quarantined else self._runner, self._gate, caller, charged
         )
-        runner = self._quarantine if caller.quarantined else self._runner
         progress = TurnProgress()
         in_flight = IN_FLIGHT_TURNS.labels(tier=caller.tier)
         in_flight.inc()
