@@ -95,6 +95,7 @@ class GatewayService:
                 settings.http_listen,
                 settings.grace_s,
                 ssl_context=settings.tls.ssl_context() if settings.tls is not None else None,
+                limits=settings.limits,
             )
         )
 

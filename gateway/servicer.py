@@ -336,8 +336,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                 await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
             session = await self._load(caller, request.session_id, context)
             return session, prompt.conversation(session, request.content)
-        messages = list(request.messages)
-        problem = check_messages(messages, self._limits)
+        problem = check_messages(request.messages, self._limits)
         if not problem and request.content:
             problem = "content must be empty in stateless mode: put the user turn last in messages"
         if not problem and request.idempotency_key:
@@ -353,4 +352,4 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             problem = f"model {quoted(request.model)} is not served; available: {', '.join(self._models)}"
         if problem:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-        return None, messages
+        return None, list(request.messages)
