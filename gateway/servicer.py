@@ -25,6 +25,7 @@ from gateway.refunds import RefundUnlessServed
 from gateway.relay import AtCapacity, PlacementUnavailable, TurnJob, TurnProgress, TurnRejected
 from gateway.sessions import Claim, SessionGone, SessionStore, TurnClaim, new_turn_id, now_ms
 from gateway.validation import Limits, check_max_tokens, check_messages, check_metadata, check_text, quoted
+from gateway.worker_errors import worker_failure
 from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             session_id=session.session_id
             if session
             else affinity.placement_session_id(caller.tenant, request.affinity_key),
-            model=session.model if session else request.model,
+            model=session.model if session else self._model(request),
             tier=caller.tier,
             messages=messages,
             prompt_tokens_estimate=prompt.estimate_tokens(messages),
@@ -252,8 +253,12 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             TURNS.labels(outcome="invalid").inc()
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except grpc.aio.AioRpcError as exc:
-            TURNS.labels(outcome="deadline").inc()
-            await abort(context, exc.code(), exc.details() or "turn failed")
+            # A worker status the relay does not fail over on: the client gets its own reading.
+            failure = worker_failure(exc)
+            TURNS.labels(outcome=failure.outcome).inc()
+            if failure.retry_after_ms is None:
+                await abort(context, failure.code, failure.message)
+            await abort_with_pushback(context, failure.code, failure.message, failure.retry_after_ms)
         finally:
             in_flight.dec()
 
@@ -348,8 +353,12 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             problem = check_text(
                 "affinity_key", request.affinity_key, self._limits.max_affinity_key_bytes, required=False
             )
-        if not problem and request.model not in self._models:
+        if not problem and self._model(request) not in self._models:
             problem = f"model {quoted(request.model)} is not served; available: {', '.join(self._models)}"
         if problem:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         return None, list(request.messages)
+
+    def _model(self, request: chat_pb2.SendRequest) -> str:
+        """A stateless turn's model: as for CreateSession, none named means the first served."""
+        return request.model or self._models[0]
