@@ -45,7 +45,8 @@ def quoted(value: str) -> str:
 
 # Unicode's control characters (category Cc) except newline, carriage return and tab, and lone
 # surrogates (Cs: what a decoder's surrogateescape leaves for bytes that are not UTF-8). One regex
-# scan runs in C: ~1 ms per MiB, where a Python loop over the characters took ~100 ms.
+# scan runs in C: check_text takes ~3 ms per MiB of text, where a Python loop over the characters
+# took ~95 ms (this 2-core machine).
 _FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
