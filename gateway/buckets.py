@@ -48,7 +48,9 @@ def take(
     """Take `cost` from every (bucket, level, cost) or from none of them.
 
     A cost above a bucket's capacity is charged as the capacity: such a request waits for
-    a full bucket and empties it, instead of being refused forever.
+    a full bucket and empties it, instead of being refused forever. A negative cost is a
+    refund (tokens charged for a turn that was never served): it fills the bucket, at most to
+    its capacity.
     Returns the verdict and the new levels (unchanged when refused).
     """
     current = [level_now(bucket, level, now_ms) for bucket, level, _ in buckets]
@@ -60,7 +62,10 @@ def take(
     longest = max(waits, default=0)
     if longest > 0:
         return Verdict(False, longest, waits.index(longest)), [level for _, level, _ in buckets]
-    return Verdict(True), [Level(have - cost, now_ms) for have, cost in zip(current, costs, strict=True)]
+    return Verdict(True), [
+        Level(min(bucket.capacity, have - cost), now_ms)
+        for (bucket, _, _), have, cost in zip(buckets, current, costs, strict=True)
+    ]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import queue
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,7 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default="", help="model for a new session (default: the gateway's default)"
     )
     parser.add_argument("--system", default="", help="system prompt for a new session")
-    parser.add_argument("--max-tokens", type=int, default=0, help="reply length limit (default: gateway's)")
+    parser.add_argument(
+        "--max-tokens",
+        type=_max_tokens,
+        default=0,
+        help="reply length limit in tokens (default: 0, the gateway's default)",
+    )
     parser.add_argument(
         "--api-key",
         default=os.environ.get("KVGATE_API_KEY", ""),
@@ -60,30 +68,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+UINT32_MAX = 2**32 - 1
+
+
+def _max_tokens(value: str) -> int:
+    try:
+        tokens = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
+    if not 0 <= tokens <= UINT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be positive (or 0 for the gateway's default), got {tokens}")
+    return tokens
+
+
 async def _turn(
     client: ChatClient, session_id: str, text: str, args: argparse.Namespace, idempotency_key: str
 ) -> None:
     placement = chat_pb2.Placement()
-    async for event in client.send(session_id, text, args.max_tokens, idempotency_key=idempotency_key):
-        kind = event.WhichOneof("event")
-        if kind == "placement":
-            placement = event.placement
-        elif kind == "delta":
-            sys.stdout.write(event.delta.text)
-            sys.stdout.flush()
-        elif kind == "done":
+    mid_line = False
+    try:
+        async for event in client.send(session_id, text, args.max_tokens, idempotency_key=idempotency_key):
+            kind = event.WhichOneof("event")
+            if kind == "placement":
+                placement = event.placement
+            elif kind == "delta":
+                sys.stdout.write(event.delta.text)
+                sys.stdout.flush()
+                mid_line = True
+            elif kind == "done":
+                sys.stdout.write("\n")
+                mid_line = False
+                _summary(event.done, placement, session_id, args)
+    finally:
+        if mid_line:  # stopped or failed mid-reply: what follows starts on a line of its own
             sys.stdout.write("\n")
-            u = event.done.usage
-            summary = f"[session {session_id} · worker {placement.worker_id} ({placement.region})"
-            if args.verbose:
-                summary += (
-                    f" · {'cache hit' if placement.cache_hit else 'cache miss'}"
-                    f" · engine {placement.engine} · ttft {u.ttft_s * 1000:.0f} ms"
-                    f" · prompt {u.prompt_tokens} (cached {u.cached_tokens})"
-                    f" · completion {u.completion_tokens}"
-                    f"{' · resumed' if u.resumed else ''}{' · replayed' if event.done.replayed else ''}"
-                )
-            print(summary + "]", file=sys.stderr)
+            sys.stdout.flush()
+
+
+def _summary(
+    done: chat_pb2.Done, placement: chat_pb2.Placement, session_id: str, args: argparse.Namespace
+) -> None:
+    u = done.usage
+    summary = f"[session {session_id} · worker {placement.worker_id} ({placement.region})"
+    if args.verbose:
+        summary += (
+            f" · {'cache hit' if placement.cache_hit else 'cache miss'}"
+            f" · engine {placement.engine} · ttft {u.ttft_s * 1000:.0f} ms"
+            f" · prompt {u.prompt_tokens} (cached {u.cached_tokens})"
+            f" · completion {u.completion_tokens}"
+            f"{' · resumed' if u.resumed else ''}{' · replayed' if done.replayed else ''}"
+        )
+    print(summary + "]", file=sys.stderr)
 
 
 DEMO_TURNS = (
@@ -135,22 +170,104 @@ async def _chat(args: argparse.Namespace) -> None:
         if args.message is not None:
             await _send_turn(client, session_id, args.message, args)
             return
-        print(f"session {session_id}; /new starts another, /history shows it, /quit leaves", file=sys.stderr)
-        loop = asyncio.get_running_loop()
+        await _interactive(client, session_id, args)
+
+
+HELP = "/new starts another session, /history shows this one, /quit leaves; Ctrl-C stops a reply"
+
+
+async def _interactive(client: ChatClient, session_id: str, args: argparse.Namespace) -> None:
+    """Read lines until /quit or end of input. A failed command (rate limited, shed, an invalid
+    message) is reported and the session goes on; Ctrl-C stops the reply in progress (at the
+    prompt, it leaves)."""
+    print(f"session {session_id}; {HELP}", file=sys.stderr)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    command: asyncio.Task[str] | None = None
+
+    def interrupt() -> None:
+        if command is not None and not command.done():
+            command.cancel()
+            return
+        # At the prompt: leave now. The reader thread is blocked in input() holding stdin's lock,
+        # and an interpreter shutting down around it aborts ("could not acquire lock for stdin").
+        print(file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+
+    lines = _LineReader(loop)
+    loop.add_signal_handler(signal.SIGINT, interrupt)
+    try:
         while True:
-            line = await loop.run_in_executor(None, _prompt)
+            line = await lines.read()
             if line is None or line.strip() == "/quit":
                 return
-            if line.strip() == "/new":
-                session_id = (
-                    await client.create_session(model=args.model, system_prompt=args.system)
-                ).session_id
-                print(f"session {session_id}", file=sys.stderr)
-            elif line.strip() == "/history":
-                for i, turn in enumerate((await client.get_session(session_id)).turns):
-                    print(f"[{i}] you: {turn.user}\n[{i}] assistant ({turn.worker_id}): {turn.assistant}")
-            elif line.strip():
-                await _send_turn(client, session_id, line, args)
+            command = asyncio.create_task(_command(client, session_id, line, args))
+            try:
+                session_id = await command
+            except asyncio.CancelledError:
+                if main.cancelling():  # the program is stopping, not just this command
+                    raise
+                print("(stopped; nothing was stored)", file=sys.stderr)
+            except grpc.aio.AioRpcError as exc:
+                print(describe(exc), file=sys.stderr)
+            finally:
+                command = None
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+async def _command(client: ChatClient, session_id: str, line: str, args: argparse.Namespace) -> str:
+    """Run one line; returns the session id to go on with."""
+    text = line.strip()
+    if text == "/new":
+        session = await _with_wait(
+            args, lambda: client.create_session(model=args.model, system_prompt=args.system)
+        )
+        print(f"session {session.session_id}", file=sys.stderr)
+        return session.session_id
+    if text == "/history":
+        for i, turn in enumerate((await client.get_session(session_id)).turns):
+            print(f"[{i}] you: {turn.user}\n[{i}] assistant ({turn.worker_id}): {turn.assistant}")
+    elif text == "/help":
+        print(HELP, file=sys.stderr)
+    elif text:
+        await _send_turn(client, session_id, line, args)
+    return session_id
+
+
+class _LineReader:
+    """input() on a daemon thread, one line per read(): unlike an executor thread, one still
+    waiting at the prompt never keeps the program from exiting."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._asks: queue.SimpleQueue[asyncio.Future[str | None]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="chat-input", daemon=True).start()
+
+    async def read(self) -> str | None:
+        """The next line, or None at the end of input."""
+        future: asyncio.Future[str | None] = self._loop.create_future()
+        self._asks.put(future)
+        return await future
+
+    def _run(self) -> None:
+        while True:
+            future = self._asks.get()
+            line = _prompt()
+            try:
+                self._loop.call_soon_threadsafe(_settle, future, line)
+            except RuntimeError:  # the loop is closed: the program is ending
+                return
+            if line is None:
+                return
+
+
+def _settle(future: asyncio.Future[str | None], line: str | None) -> None:
+    if not future.done():
+        future.set_result(line)
 
 
 def _prompt() -> str | None:
@@ -158,6 +275,13 @@ def _prompt() -> str | None:
         return input("> ")
     except EOFError:
         return None
+
+
+def describe(exc: grpc.aio.AioRpcError) -> str:
+    """One line for a failed call: its status, the gateway's message and any retry hint."""
+    pushback = dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+    hint = f" (retry in {pushback} ms)" if pushback else ""
+    return f"{exc.code().name}: {exc.details()}{hint}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,9 +294,7 @@ def run(args: argparse.Namespace) -> int:
                 f"kvgate chat: cannot reach the gateway at {args.gateway} ({exc.details()})", file=sys.stderr
             )
         else:
-            pushback = dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
-            hint = f" (retry in {pushback} ms)" if pushback else ""
-            print(f"kvgate chat: {code.name}: {exc.details()}{hint}", file=sys.stderr)
+            print(f"kvgate chat: {describe(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

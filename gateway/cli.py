@@ -51,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest user message accepted (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-conversation-bytes",
+        type=int,
+        default=Limits.max_conversation_bytes,
+        help="largest stateless conversation accepted (the messages' content, summed; the HTTP API's"
+        " request bodies are capped accordingly) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-tokens-limit",
         type=int,
         default=4096,
@@ -135,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
     if not models:
         print("kvgate gateway: --models must name at least one model", file=sys.stderr)
         return 2
+    if args.max_conversation_bytes < 1:
+        print("kvgate gateway: --max-conversation-bytes must be positive", file=sys.stderr)
+        return 2
     if args.http_listen is not None:
         try:
             split_listen(args.http_listen)
@@ -166,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         session_idle_ttl_s=args.session_ttl,
         limits=Limits(
             max_message_bytes=args.max_message_bytes,
+            max_conversation_bytes=args.max_conversation_bytes,
             max_tokens_limit=args.max_tokens_limit,
             default_max_tokens=args.default_max_tokens,
         ),

@@ -6,6 +6,7 @@ RESOURCE_EXHAUSTED (with a retry pushback) or UNAVAILABLE when Redis is away.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grpc
@@ -15,6 +16,8 @@ from gateway.aborts import abort, abort_with_pushback, redis_down
 from gateway.auth import Authenticator, AuthFailed, Caller
 from gateway.metrics import RATE_LIMITED
 from gateway.ratelimit import REQUESTS, RateLimiter
+
+log = logging.getLogger(__name__)
 
 RATE_LIMITED_MESSAGE = "rate limit of the {tier} tier reached ({bucket}); retry after the pushback delay"
 
@@ -56,6 +59,16 @@ class Gate:
                 RATE_LIMITED_MESSAGE.format(tier=caller.tier, bucket=what),
                 decision.retry_after_ms,
             )
+
+    async def refund(self, caller: Caller, *, tokens: int) -> None:
+        """Give back the tokens charged for a turn that was never served. Best effort: a refund
+        lost to a Redis outage only means the tenant waits for the bucket to refill."""
+        if self._limiter is None:
+            return
+        try:
+            await self._limiter.refund(caller.tenant, caller.tier, tokens=tokens)
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not refund %d tokens to tenant %s: %s", tokens, caller.tenant, exc)
 
     async def admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         """Authenticate, and count the call against the tenant's requests per second."""

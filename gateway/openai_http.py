@@ -34,8 +34,8 @@ from aiohttp import web
 
 from gateway import affinity, openai_errors, openai_wire
 from gateway.openai_errors import HttpError
-from gateway.validation import quoted
-from kvgate.service import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
+from gateway.validation import Limits, quoted
+from kvgate.service import CHANNEL_OPTIONS
 from kvgate.v1 import chat_pb2, chat_pb2_grpc
 
 if TYPE_CHECKING:
@@ -56,11 +56,25 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def max_body_bytes(limits: Limits) -> int:
+    """The largest request body that can carry a conversation the Chat service accepts: JSON
+    escapes stretch text up to 3x (an emoji's 4 UTF-8 bytes are 12 as `\\ud83d\\ude00`), plus each
+    message's own JSON. Anything larger cannot be served, so it is not read, let alone parsed."""
+    return 3 * limits.max_conversation_bytes + 64 * limits.max_conversation_messages + 64 * 1024
+
+
 class OpenAIFacade:
-    def __init__(self, listen: str, grace_s: float, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        listen: str,
+        grace_s: float,
+        ssl_context: ssl.SSLContext | None = None,
+        limits: Limits | None = None,
+    ) -> None:
         self.listen = listen
         self._grace_s = grace_s
         self._ssl_context = ssl_context
+        self._limits = limits or Limits()
         self._channel: grpc.aio.Channel | None = None
         self._stub: ChatAsyncStub | None = None
         self._runner: web.AppRunner | None = None
@@ -71,8 +85,8 @@ class OpenAIFacade:
         """Serve HTTP, calling the Chat service at `chat_address` (the gateway's own gRPC port)."""
         self._channel = grpc.aio.insecure_channel(chat_address, options=CHANNEL_OPTIONS)
         self._stub = chat_pb2_grpc.ChatStub(self._channel)
-        # Stateless turns carry whole conversations: allow what a gRPC message may carry.
-        app = web.Application(client_max_size=MAX_MESSAGE_BYTES, middlewares=[_json_errors])
+        # Stateless turns carry whole conversations: allow what the largest one accepted takes.
+        app = web.Application(client_max_size=max_body_bytes(self._limits), middlewares=[_json_errors])
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._model)
@@ -133,6 +147,16 @@ class OpenAIFacade:
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         try:
             body = json.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            message = (
+                f"the request body is over {max_body_bytes(self._limits)} bytes; messages may total "
+                f"at most {self._limits.max_conversation_bytes} bytes of content"
+            )
+            return error_response(
+                HttpError(
+                    413, openai_wire.error(message, "invalid_request_error", "messages", "invalid_value")
+                )
+            )
         except (ValueError, UnicodeDecodeError):
             return error_response(
                 HttpError(

@@ -7,6 +7,11 @@ about the quarantine. It never touches the scheduler or a GPU: the fleet's capac
 for the customers.
 
 `Meower.stream` has the shape of `TurnRunner.stream`, so the servicer treats both alike.
+
+Its placement names a worker, region and engine that this gateway's real turns were placed on
+lately (`FleetLook`): a real answer says `engine: "sim"` on a simulated fleet and `"vllm"` on a
+GPU one, so no fixed label can pass for both. Until the replica has relayed a real turn it knows
+no worker, and makes up names in the fleet's style with engine "vllm", what a GPU fleet runs.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import asyncio
 import hashlib
 import random
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from gateway.metrics import QUARANTINED_TURNS
 from gateway.relay import TurnJob, TurnProgress
@@ -24,6 +31,10 @@ from kvgate.v1 import chat_pb2
 
 # Same naming as a real fleet's workers: the stream must not stand out.
 REGIONS = ("us-east", "us-west", "eu-west", "eu-central", "ap-southeast")
+# The engine named before any real placement was seen (see the module docstring).
+DEFAULT_ENGINE = "vllm"
+# Workers remembered: enough to spread fake sessions over, a few KB.
+LOOK_SIZE = 64
 ENDINGS = (".", ".", ".", "!", "?", "…")
 
 
@@ -59,14 +70,61 @@ def fake_worker(session_id: str) -> tuple[str, str]:
     return f"{region.split('-')[0]}-{digest[1] % 8 + 1}", region
 
 
+class Runner(Protocol):
+    def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]: ...
+
+
+class FleetLook:
+    """The workers (id, region, engine) that real turns of this gateway were placed on lately."""
+
+    def __init__(self, size: int = LOOK_SIZE) -> None:
+        self._size = size
+        self._workers: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (region, engine)
+
+    def observe(self, placement: chat_pb2.Placement) -> None:
+        self._workers[placement.worker_id] = (placement.region, placement.engine)
+        self._workers.move_to_end(placement.worker_id)
+        if len(self._workers) > self._size:
+            self._workers.popitem(last=False)
+
+    def worker_for(self, session_id: str) -> tuple[str, str, str]:
+        """(worker id, region, engine) for a fake placement, stable per session while the workers
+        seen stay the same (later turns look pinned to the same GPU)."""
+        if not self._workers:
+            return (*fake_worker(session_id), DEFAULT_ENGINE)
+        digest = hashlib.sha256(session_id.encode()).digest() if session_id else random.randbytes(8)
+        ids = sorted(self._workers)
+        worker_id = ids[int.from_bytes(digest[:8], "big") % len(ids)]
+        return (worker_id, *self._workers[worker_id])
+
+    def watch(self, runner: Runner) -> Runner:
+        """`runner`, noting every placement its streams announce."""
+        return _Watched(runner, self)
+
+
+class _Watched:
+    def __init__(self, runner: Runner, look: FleetLook) -> None:
+        self._runner = runner
+        self._look = look
+
+    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]:
+        async for event in self._runner.stream(job, progress):
+            if event.HasField("placement"):
+                self._look.observe(event.placement)
+            yield event
+
+
 class Meower:
-    def __init__(self, pace: Pace | None = None, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, pace: Pace | None = None, rng: random.Random | None = None, look: FleetLook | None = None
+    ) -> None:
         self._pace = pace or Pace()
         self._rng = rng or random.Random()
+        self._look = look or FleetLook()
 
     async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]:
         QUARANTINED_TURNS.inc()
-        worker_id, region = fake_worker(job.session_id)
+        worker_id, region, engine = self._look.worker_for(job.session_id)
         # A continued conversation would have been a cache hit on its pinned worker.
         continued = sum(1 for m in job.messages if m.role == "assistant") > 0
         progress.worker_id, progress.region = worker_id, region
@@ -76,7 +134,7 @@ class Meower:
         await asyncio.sleep(self._rng.uniform(*self._pace.first_token_s))
         yield chat_pb2.SendEvent(
             placement=chat_pb2.Placement(
-                worker_id=worker_id, region=region, cache_hit=continued, engine="vllm"
+                worker_id=worker_id, region=region, cache_hit=continued, engine=engine
             )
         )
         for i, token in enumerate(meows(count, self._rng)):

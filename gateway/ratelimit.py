@@ -46,7 +46,7 @@ class RateLimiter:
         by default the Redis server's clock is used.
         """
         limits = self._limits.get(tier, self._limits["free"])
-        charges: list[tuple[str, Bucket, int]] = [
+        charges: list[tuple[str, Bucket, float]] = [
             (name, bucket, cost)
             for name, bucket, cost in (
                 (REQUESTS, limits.requests(), requests),
@@ -56,13 +56,28 @@ class RateLimiter:
         ]
         if not charges:
             return Decision(True)
+        allowed, retry_after_ms, limiting = await self._run(tenant, limits, charges, now_ms)
+        if allowed:
+            return Decision(True)
+        return Decision(False, int(retry_after_ms), charges[int(limiting) - 1][0])
+
+    async def refund(self, tenant: str, tier: str, *, tokens: int, now_ms: int | None = None) -> None:
+        """Give back `tokens` charged by `admit` for a turn that was never served (shed, no worker,
+        rejected): at most what a charge takes (the capacity), and never above a full bucket."""
+        if tokens <= 0:
+            return
+        limits = self._limits.get(tier, self._limits["free"])
+        bucket = limits.tokens()
+        await self._run(tenant, limits, [(TOKENS, bucket, -min(float(tokens), bucket.capacity))], now_ms)
+
+    async def _run(
+        self, tenant: str, limits: TierLimits, charges: list[tuple[str, Bucket, float]], now_ms: int | None
+    ) -> list[int]:
         args: list[str | int | float] = ["" if now_ms is None else now_ms]
         # Expire only once every bucket of the tier would be full again, including one this
         # call does not charge: a drained token bucket must not reset early.
         args.append(max(limits.requests().refill_ms, limits.tokens().refill_ms) + 1000)
         for name, bucket, cost in charges:
             args += [name, repr(bucket.capacity), repr(bucket.per_ms), repr(float(cost))]
-        allowed, retry_after_ms, limiting = await self._script(keys=[rate_key(tenant)], args=args)
-        if allowed:
-            return Decision(True)
-        return Decision(False, int(retry_after_ms), charges[int(limiting) - 1][0])
+        result: list[int] = await self._script(keys=[rate_key(tenant)], args=args)
+        return result

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -94,23 +94,68 @@ class TurnProgress:
         return "".join(self.parts)
 
 
+# Workers come back at new addresses (a restarted pod gets a new IP): a channel no call has used
+# for this long is closed, or a long-running gateway would keep one per address it ever used.
+IDLE_CHANNEL_CLOSE_S = 600.0
+
+
+@dataclass
+class _Channel:
+    channel: grpc.aio.Channel
+    last_used: float
+    calls: int = 0  # in flight: a channel is never closed under a call
+
+
 class WorkerChannels:
     """One long-lived channel per worker address (HTTP/2 multiplexes all streams over it)."""
 
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(
+        self, idle_close_s: float = IDLE_CHANNEL_CLOSE_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._channels: dict[str, _Channel] = {}
+        self._idle_close_s = idle_close_s
+        self._clock = clock
+        self._last_sweep = clock()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self._channels)
 
     def stub(self, address: str) -> WorkerAsyncStub:
-        channel = self._channels.get(address)
-        if channel is None:
+        """A stub for one call to `address`; end it with `done(address)`. Closes channels idle past
+        the idle limit, at most every tenth of it."""
+        now = self._clock()
+        entry = self._channels.get(address)
+        if entry is None:
             channel = grpc.aio.insecure_channel(address, options=WORKER_CHANNEL_OPTIONS)
-            self._channels[address] = channel
-        return worker_pb2_grpc.WorkerStub(channel)
+            entry = self._channels[address] = _Channel(channel, now)
+        entry.calls += 1
+        entry.last_used = now
+        if now - self._last_sweep >= self._idle_close_s / 10:
+            self._last_sweep = now
+            self._close_idle(now)
+        return worker_pb2_grpc.WorkerStub(entry.channel)
+
+    def done(self, address: str) -> None:
+        entry = self._channels.get(address)
+        if entry is not None:
+            entry.calls -= 1
+            entry.last_used = self._clock()
+
+    def _close_idle(self, now: float) -> None:
+        for address, entry in list(self._channels.items()):
+            if entry.calls <= 0 and now - entry.last_used > self._idle_close_s:
+                del self._channels[address]
+                task = asyncio.create_task(entry.channel.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
+        for entry in self._channels.values():
+            await entry.channel.close()
         self._channels.clear()
+        await asyncio.gather(*self._closing)
 
 
 class TurnRunner:
@@ -193,6 +238,7 @@ class TurnRunner:
                 )
             finally:
                 call.cancel()
+                self._workers.done(placed.address)
                 self._release(request_id, placed.worker_id)
             excluded.append(placed.worker_id)
             progress.resumed = progress.resumed or progress.completion_tokens > 0

@@ -17,7 +17,7 @@ from gateway.buckets import DEFAULT_LIMITS, TierLimits
 from gateway.gate import Gate
 from gateway.keystore import KeyStore
 from gateway.openai_http import OpenAIFacade
-from gateway.quarantine import Meower, Pace
+from gateway.quarantine import FleetLook, Meower, Pace
 from gateway.ratelimit import RateLimiter
 from gateway.relay import DEFAULT_COALESCE_MS, TurnRunner, WorkerChannels
 from gateway.servicer import ChatServicer
@@ -67,6 +67,8 @@ class GatewayService:
             settings.scheduler, options=[*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
         )
         self.workers = WorkerChannels()
+        # What real placements look like, for the quarantine responder to look the same.
+        look = FleetLook()
         runner = TurnRunner(
             scheduler_pb2_grpc.SchedulerStub(self.scheduler_channel),
             self.workers,
@@ -84,7 +86,12 @@ class GatewayService:
         decode_errors.add_servicer(
             chat_pb2.DESCRIPTOR.services_by_name["Chat"],
             ChatServicer(
-                sessions, runner, settings.models, settings.limits, gate, Meower(settings.quarantine_pace)
+                sessions,
+                look.watch(runner),
+                settings.models,
+                settings.limits,
+                gate,
+                Meower(settings.quarantine_pace, look=look),
             ),
             self.host.server,
         )
@@ -95,6 +102,7 @@ class GatewayService:
                 settings.http_listen,
                 settings.grace_s,
                 ssl_context=settings.tls.ssl_context() if settings.tls is not None else None,
+                limits=settings.limits,
             )
         )
 

@@ -21,12 +21,25 @@ from gateway.auth import Caller
 from gateway.gate import Gate
 from gateway.idempotency import RunningTurn
 from gateway.metrics import IN_FLIGHT_TURNS, TTFT_SECONDS, TURNS
+from gateway.refunds import RefundUnlessServed
 from gateway.relay import AtCapacity, PlacementUnavailable, TurnJob, TurnProgress, TurnRejected
-from gateway.sessions import Claim, SessionStore, TurnClaim, now_ms
+from gateway.sessions import Claim, SessionGone, SessionStore, TurnClaim, new_turn_id, now_ms
 from gateway.validation import Limits, check_max_tokens, check_messages, check_metadata, check_text, quoted
+from gateway.worker_errors import worker_failure
 from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
+
+# A failed append may have been applied with only its reply lost: the client is told how to retry
+# without storing the turn twice.
+NOT_SAVED_MESSAGE = (
+    "the reply may not have been saved (session store unavailable); send the turn again with the "
+    "same idempotency_key: it is replayed if it was saved, run again if not"
+)
+NOT_SAVED_NO_KEY_MESSAGE = (
+    "the reply may not have been saved (session store unavailable); check the session's history "
+    "(GetSession) before sending the turn again, or send turns with an idempotency_key"
+)
 
 AT_CAPACITY_MESSAGE = "kvgate is at capacity right now; retry after the pushback delay"
 
@@ -206,7 +219,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             session_id=session.session_id
             if session
             else affinity.placement_session_id(caller.tenant, request.affinity_key),
-            model=session.model if session else request.model,
+            model=session.model if session else self._model(request),
             tier=caller.tier,
             messages=messages,
             prompt_tokens_estimate=prompt.estimate_tokens(messages),
@@ -214,11 +227,14 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             deadline=time.monotonic() + remaining if remaining is not None else None,
             first_turn=session is not None and not session.turns,
         )
-        # Charged at admission for the most the turn can cost: prompt plus every allowed token.
-        await self._gate.charge(
-            context, caller, requests=0, tokens=job.prompt_tokens_estimate + job.max_tokens
+        # Charged at admission for the most the turn can cost: prompt plus every allowed token;
+        # before the prompt's blocks are hashed (the relay's first step). Given back if the turn
+        # ends without being served.
+        charged = job.prompt_tokens_estimate + job.max_tokens
+        await self._gate.charge(context, caller, requests=0, tokens=charged)
+        runner = RefundUnlessServed(
+            self._quarantine if caller.quarantined else self._runner, self._gate, caller, charged
         )
-        runner = self._quarantine if caller.quarantined else self._runner
         progress = TurnProgress()
         in_flight = IN_FLIGHT_TURNS.labels(tier=caller.tier)
         in_flight.inc()
@@ -237,8 +253,12 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             TURNS.labels(outcome="invalid").inc()
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except grpc.aio.AioRpcError as exc:
-            TURNS.labels(outcome="deadline").inc()
-            await abort(context, exc.code(), exc.details() or "turn failed")
+            # A worker status the relay does not fail over on: the client gets its own reading.
+            failure = worker_failure(exc)
+            TURNS.labels(outcome=failure.outcome).inc()
+            if failure.retry_after_ms is None:
+                await abort(context, failure.code, failure.message)
+            await abort_with_pushback(context, failure.code, failure.message, failure.retry_after_ms)
         finally:
             in_flight.dec()
 
@@ -264,18 +284,27 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                 created_unix_ms=now_ms(),
             )
             try:
-                # Durable before acknowledged: Done is sent only once the turn is stored.
+                # Durable before acknowledged: Done is sent only once the turn is stored. The turn id
+                # makes the store's retry of an append whose reply was lost a no-op.
                 turn_index = await self._sessions.append_turn(
-                    caller.tenant, session.session_id, turn, request.idempotency_key
+                    caller.tenant, session.session_id, turn, request.idempotency_key or new_turn_id()
                 )
                 if running is not None:
                     running.stored = True
+            except SessionGone:
+                TURNS.labels(outcome="session_gone").inc()
+                await abort(
+                    context,
+                    grpc.StatusCode.NOT_FOUND,
+                    f"session_id {quoted(session.session_id)} was deleted while the turn ran; "
+                    "the reply was not stored",
+                )
             except redis.exceptions.RedisError:
                 TURNS.labels(outcome="not_saved").inc()
                 await abort_with_pushback(
                     context,
                     grpc.StatusCode.UNAVAILABLE,
-                    "the reply could not be saved (session store unavailable); send the turn again",
+                    NOT_SAVED_MESSAGE if request.idempotency_key else NOT_SAVED_NO_KEY_MESSAGE,
                     REDIS_DOWN_RETRY_MS,
                 )
         TURNS.labels(outcome="ok").inc()
@@ -312,8 +341,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                 await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
             session = await self._load(caller, request.session_id, context)
             return session, prompt.conversation(session, request.content)
-        messages = list(request.messages)
-        problem = check_messages(messages, self._limits)
+        problem = check_messages(request.messages, self._limits)
         if not problem and request.content:
             problem = "content must be empty in stateless mode: put the user turn last in messages"
         if not problem and request.idempotency_key:
@@ -325,8 +353,12 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             problem = check_text(
                 "affinity_key", request.affinity_key, self._limits.max_affinity_key_bytes, required=False
             )
-        if not problem and request.model not in self._models:
+        if not problem and self._model(request) not in self._models:
             problem = f"model {quoted(request.model)} is not served; available: {', '.join(self._models)}"
         if problem:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-        return None, messages
+        return None, list(request.messages)
+
+    def _model(self, request: chat_pb2.SendRequest) -> str:
+        """A stateless turn's model: as for CreateSession, none named means the first served."""
+        return request.model or self._models[0]

@@ -1,4 +1,6 @@
 -- Take tokens from every bucket of one tenant, or from none (the model: gateway/buckets.py `take`).
+-- A negative cost gives tokens back (a turn that was charged but never served), never beyond
+-- the bucket's capacity.
 -- KEYS[1] the tenant's rate HASH (hash-tagged by tenant: one Redis Cluster slot).
 -- ARGV[1] now in ms, or '' for the Redis server clock (one clock for every gateway replica);
 -- ARGV[2] ms after which an untouched hash may expire (it would be full again by then);
@@ -11,7 +13,7 @@ if not now then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local n = (#ARGV - 2) / 4
-local have, costs, names = {}, {}, {}
+local have, costs, names, capacities = {}, {}, {}, {}
 local longest, limiting = 0, 0
 for i = 1, n do
   local base = 2 + (i - 1) * 4
@@ -24,7 +26,7 @@ for i = 1, n do
   if saved[1] and saved[2] then
     level = math.min(capacity, tonumber(saved[1]) + math.max(0, now - tonumber(saved[2])) * per_ms)
   end
-  names[i], have[i], costs[i] = name, level, cost
+  names[i], have[i], costs[i], capacities[i] = name, level, cost, capacity
   if level < cost then
     local wait = math.ceil((cost - level) / per_ms)
     if wait > longest then
@@ -37,7 +39,8 @@ if longest > 0 then
 end
 for i = 1, n do
   -- %.17g keeps the full double: fractions of a token must not be lost between calls.
-  redis.call('HSET', KEYS[1], names[i] .. ':tokens', string.format('%.17g', have[i] - costs[i]),
+  local left = math.min(capacities[i], have[i] - costs[i])
+  redis.call('HSET', KEYS[1], names[i] .. ':tokens', string.format('%.17g', left),
     names[i] .. ':at', string.format('%d', now))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])

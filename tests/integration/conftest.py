@@ -11,6 +11,7 @@ from kvgate.containers import MosquittoServer, RedisServer
 from scheduler import redis_mux
 from scheduler.store import FleetStore, StoreSettings
 from tests.integration.fleet import Fleet
+from tests.integration.slow_redis import SlowReplyProxy
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
@@ -75,3 +76,12 @@ async def fleet(clean_redis: str, mosquitto_server: MosquittoServer) -> AsyncIte
         yield f
     finally:
         await f.stop()
+
+
+@pytest.fixture
+async def slow_proxy(clean_redis: str) -> AsyncIterator[SlowReplyProxy]:
+    """A relay to the clean Redis that can hold back chosen replies (see SlowReplyProxy)."""
+    proxy = SlowReplyProxy(clean_redis)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()

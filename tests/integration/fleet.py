@@ -83,17 +83,15 @@ class Fleet:
         is off unless asked for: tests that are not about keys call the gateway without one (as
         tenant "anonymous"); `create_key` makes keys."""
         await self.start_scheduler(**store_overrides)
-        self.gateway = GatewayService(
-            GatewaySettings(
-                listen="127.0.0.1:0",
-                scheduler=self.scheduler.address,
-                redis_url=self.redis_url,
-                grace_s=2.0,
-                auth=auth,
-                http_listen="127.0.0.1:0" if http else None,
-                **(gateway_overrides or {}),
-            )
-        )
+        settings: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "scheduler": self.scheduler.address,
+            "redis_url": self.redis_url,
+            "grace_s": 2.0,
+            "auth": auth,
+            "http_listen": "127.0.0.1:0" if http else None,
+        }
+        self.gateway = GatewayService(GatewaySettings(**{**settings, **(gateway_overrides or {})}))
         await self.gateway.start()
 
     async def start(

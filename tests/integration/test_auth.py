@@ -146,6 +146,9 @@ async def test_a_quarantined_key_gets_meows_and_never_a_gpu(fleet: Fleet) -> Non
     await fleet.start(ONE_WORKER, auth=AuthMode.REQUIRED)
     key_id, key = await fleet.create_key("suspect", tier="plus")
     await fleet.keys.quarantine(key_id, True)
+    _, honest_key = await fleet.create_key("honest")
+    async with fleet.client(honest_key) as honest:
+        _, _, real = await honest.reply((await honest.create_session()).session_id, "hi", max_tokens=2)
     placed_before, meowed_before = total(PLACEMENTS), total(QUARANTINED_TURNS)
 
     async with fleet.client(key) as client:
@@ -157,7 +160,13 @@ async def test_a_quarantined_key_gets_meows_and_never_a_gpu(fleet: Fleet) -> Non
 
         assert kinds[0] == "placement" and kinds[-1] == "done" and set(kinds[1:-1]) == {"delta"}
         assert MEOWS.fullmatch(text), text
-        assert placement.worker_id and placement.region and placement.cache_hit
+        # Placed, to all appearances, like the real turn: same worker, region and engine.
+        assert (placement.worker_id, placement.region, placement.engine) == (
+            real.worker_id,
+            real.region,
+            real.engine,
+        )
+        assert real.engine == "sim" and placement.cache_hit
         assert done.usage.completion_tokens == 10 and done.usage.ttft_s > 0.1
         stored = await client.get_session(session.session_id)
         assert len(stored.turns) == 2 and all(MEOWS.fullmatch(t.assistant) for t in stored.turns)

@@ -6,7 +6,7 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from kvgate.v1 import chat_pb2, chat_pb2_grpc
+from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 from tests.integration.fleet import Fleet
 
 
@@ -98,3 +98,21 @@ async def test_turns_show_in_the_latency_and_in_flight_metrics(fleet: Fleet) -> 
     assert sample("kvgate_worker_ttft_seconds_count", {"engine": "sim"}) - ttft_before == 1
     assert seen_in_flight >= 1
     assert sample("kvgate_gateway_inflight_turns", {"tier": "free"}) == 0
+
+
+async def test_a_stateless_turn_without_a_model_gets_the_default_one_like_a_session(fleet: Fleet) -> None:
+    await fleet.start({"us-2": ("us-east", 2000)})
+    assert fleet.gateway is not None
+    async with grpc.aio.insecure_channel(fleet.gateway.address) as channel:
+        stub = chat_pb2_grpc.ChatStub(channel)
+        session = await stub.CreateSession(chat_pb2.CreateSessionRequest())
+        assert session.model == "llama-3-8b"
+        request = chat_pb2.SendRequest(messages=[common_pb2.Message(role="user", content="hi")], max_tokens=3)
+        events = [event async for event in stub.Send(request, timeout=30)]
+        assert events[0].placement.worker_id == "us-2"
+        assert events[-1].done.usage.completion_tokens == 3
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stub.Send(chat_pb2.SendRequest(model="gpt-17", messages=request.messages)):
+                pass
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "model 'gpt-17' is not served" in (info.value.details() or "")

@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 
+from gpu_worker.sim.tokenizer import SimTokenizer
 from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.integration.fleet import Fleet
 
@@ -59,9 +60,13 @@ async def test_stream_resumes_on_another_worker_when_its_worker_dies_mid_answer(
         assert killed and done is not None
         assert done.usage.resumed
         assert done.usage.completion_tokens == 60
+        # Nothing repeated, nothing missing: the text is exactly the 60 tokens the workers made
+        # between them (the sim tokenizer is the workers' own), ...
+        text = "".join(parts)
+        assert len(SimTokenizer().encode(text)) == 60
+        # ... and the client saw exactly the stored answer.
         stored = await client.get_session(session.session_id)
-        # The client saw exactly the stored answer: nothing repeated, nothing missing.
-        assert stored.turns[0].assistant == "".join(parts)
+        assert stored.turns[0].assistant == text
         assert stored.turns[0].worker_id == "second"
 
 

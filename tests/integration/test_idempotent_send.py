@@ -14,6 +14,7 @@ from gateway.sessions import Claim, SessionStore
 from kvgate.redis_conn import connect_redis
 from kvgate.v1 import chat_pb2
 from tests.integration.fleet import Fleet
+from tests.integration.slow_redis import SlowReplyProxy
 
 # The retry loops below ask again every 0.1 s: more than the free tier's requests per second.
 NO_RATE_LIMITS = {"rate_limits": None}
@@ -159,3 +160,34 @@ async def test_idempotency_key_is_checked(fleet: Fleet) -> None:
                 pass
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "idempotency_key needs session_id" in (info.value.details() or "")
+
+
+async def test_a_turn_whose_store_reply_was_lost_is_stored_once(
+    fleet: Fleet, slow_proxy: SlowReplyProxy
+) -> None:
+    await fleet.start(
+        {"idem-f": ("us-east", 2000)}, gateway_overrides={"redis_url": slow_proxy.url, **NO_RATE_LIMITS}
+    )
+    async with fleet.client() as client:
+        session = await client.create_session()
+        # Redis applies the append, but its answer comes after the gateway's Redis client gave up
+        # waiting (2 s); the client sends the append again, which must find the turn stored.
+        slow_proxy.hold(b"slow answer", 2.5)
+        _, done, _ = await client.reply(session.session_id, "slow answer", max_tokens=4)
+        assert done.turn_index == 0
+        assert [t.user for t in (await client.get_session(session.session_id)).turns] == ["slow answer"]
+
+        # No answer arrives in time at all: the turn is stored, the gateway cannot know it and
+        # says so, and the retry with the same key replays it.
+        slow_proxy.hold(b"lost answer", 2.5, times=4)  # every attempt of the Redis client
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.reply(session.session_id, "lost answer", max_tokens=4, idempotency_key="k-lost")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "may not have been saved" in (info.value.details() or "")
+        assert "same idempotency_key" in (info.value.details() or "")
+        _, replayed, _ = await client.reply(
+            session.session_id, "lost answer", max_tokens=4, idempotency_key="k-lost"
+        )
+        assert replayed.replayed and replayed.turn_index == 1
+        history = await client.get_session(session.session_id)
+        assert [t.user for t in history.turns] == ["slow answer", "lost answer"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from kvgate.tls import TlsFiles
 from tests.integration.fleet import Fleet
@@ -58,7 +59,7 @@ async def test_grpc_and_openai_clients_over_tls(fleet: Fleet, certs: Path) -> No
 
 async def test_mutual_tls_requires_a_client_certificate(fleet: Fleet, certs: Path) -> None:
     tls = TlsFiles(certs / "server.crt", certs / "server.key", client_ca=certs / "ca.crt")
-    await fleet.start({"us-1": ("us-east", 2000)}, gateway_overrides={"tls": tls})
+    await fleet.start({"us-1": ("us-east", 2000)}, http=True, gateway_overrides={"tls": tls})
     assert fleet.gateway is not None
     address = fleet.gateway.address.replace("127.0.0.1", "localhost")
 
@@ -73,3 +74,19 @@ async def test_mutual_tls_requires_a_client_certificate(fleet: Fleet, certs: Pat
         session = await client.create_session()
         _, done, _ = await client.reply(session.session_id, "hello over mTLS", max_tokens=4)
         assert done.usage.completion_tokens == 4
+
+    # The HTTP API asks for the same client certificates.
+    assert fleet.gateway.http is not None
+    base = f"https://localhost:{fleet.gateway.http.address.rsplit(':', 1)[1]}/v1"
+    hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi over mutual TLS"}]
+    anonymous_tls = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    async with openai.DefaultAsyncHttpxClient(verify=anonymous_tls) as http_client:
+        oai = openai.AsyncOpenAI(base_url=base, api_key="unused", http_client=http_client, max_retries=0)
+        with pytest.raises(openai.APIConnectionError):
+            await oai.chat.completions.create(model="llama-3-8b", messages=hello, max_tokens=3)
+    with_cert = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    with_cert.load_cert_chain(*client_cert)
+    async with openai.DefaultAsyncHttpxClient(verify=with_cert) as http_client:
+        oai = openai.AsyncOpenAI(base_url=base, api_key="unused", http_client=http_client, max_retries=0)
+        reply = await oai.chat.completions.create(model="llama-3-8b", messages=hello, max_tokens=3)
+        assert reply.usage is not None and reply.usage.completion_tokens == 3

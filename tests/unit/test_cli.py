@@ -44,3 +44,16 @@ def test_worker_with_unknown_gpu_profile_fails_with_one_line() -> None:
     )
     assert result.returncode == 2
     assert "tpu9" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", str(2**32)])
+def test_chat_refuses_a_bad_max_tokens_before_calling_anyone(value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvgate.cli", "chat", "--gateway", "127.0.0.1:1", "--max-tokens", value, "hi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--max-tokens" in result.stderr and value in result.stderr
+    assert "Traceback" not in result.stderr

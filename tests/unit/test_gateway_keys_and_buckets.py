@@ -144,3 +144,13 @@ def test_every_keys_action_explains_every_option() -> None:
         for action in child._actions:
             if action.dest != "help":
                 assert action.help, f"keys {name} {action.option_strings or action.dest} has no help text"
+
+
+def test_a_refund_fills_the_bucket_but_never_past_its_capacity() -> None:
+    verdict, (level,) = take([(BUCKET, Level(2, 0), -5)], now_ms=0)
+    assert verdict.allowed and level == Level(7, 0)
+    verdict, (level,) = take([(BUCKET, Level(8, 0), -5)], now_ms=0)
+    assert verdict.allowed and level == Level(BUCKET.capacity, 0)
+    # A refund of more than a charge can take gives back at most the capacity.
+    verdict, (level,) = take([(BUCKET, Level(0, 0), -1000)], now_ms=0)
+    assert level == Level(BUCKET.capacity, 0)
