@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from kvgate.service import CHANNEL_OPTIONS
-from kvgate.v1 import chat_pb2, chat_pb2_grpc
+from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
 if TYPE_CHECKING:
     from kvgate.v1.chat_pb2_grpc import ChatAsyncStub
@@ -54,13 +54,25 @@ class ChatClient:
         await self._channel.close()
 
     async def create_session(
-        self, model: str = "", system_prompt: str = "", timeout: float = 10
+        self,
+        model: str = "",
+        system_prompt: str = "",
+        timeout: float = 10,
+        metadata: Mapping[str, str] | None = None,
     ) -> chat_pb2.Session:
+        """A new session of `model` (default: the gateway's first); `metadata` is stored with it."""
         return await self._stub.CreateSession(
-            chat_pb2.CreateSessionRequest(model=model, system_prompt=system_prompt),
+            chat_pb2.CreateSessionRequest(model=model, system_prompt=system_prompt, metadata=metadata or {}),
             metadata=self._metadata,
             timeout=timeout,
         )
+
+    async def list_models(self, timeout: float = 10) -> list[str]:
+        """The models the gateway serves."""
+        response = await self._stub.ListModels(
+            chat_pb2.ListModelsRequest(), metadata=self._metadata, timeout=timeout
+        )
+        return list(response.models)
 
     async def get_session(self, session_id: str, timeout: float = 10) -> chat_pb2.Session:
         return await self._stub.GetSession(
@@ -90,13 +102,36 @@ class ChatClient:
     ) -> AsyncIterator[chat_pb2.SendEvent]:
         """One turn's events. Send it again with the same `idempotency_key` (e.g. uuid4().hex) after
         a lost connection: a turn the gateway already stored is replayed, never stored twice."""
-        call = self._stub.Send(
-            chat_pb2.SendRequest(
-                session_id=session_id, content=content, max_tokens=max_tokens, idempotency_key=idempotency_key
-            ),
-            metadata=self._metadata,
-            timeout=timeout,
+        request = chat_pb2.SendRequest(
+            session_id=session_id, content=content, max_tokens=max_tokens, idempotency_key=idempotency_key
         )
+        async for event in self._events(request, timeout):
+            yield event
+
+    async def send_messages(
+        self,
+        messages: Sequence[tuple[str, str]],
+        model: str = "",
+        max_tokens: int = 0,
+        affinity_key: str = "",
+        timeout: float | None = 120,
+    ) -> AsyncIterator[chat_pb2.SendEvent]:
+        """A stateless turn's events: the whole conversation as (role, content) pairs, the user's
+        turn last; nothing is stored. `affinity_key` keeps a conversation on the worker holding its
+        KV cache (e.g. a conversation id of the caller's)."""
+        request = chat_pb2.SendRequest(
+            model=model,
+            max_tokens=max_tokens,
+            affinity_key=affinity_key,
+            messages=[common_pb2.Message(role=role, content=content) for role, content in messages],
+        )
+        async for event in self._events(request, timeout):
+            yield event
+
+    async def _events(
+        self, request: chat_pb2.SendRequest, timeout: float | None
+    ) -> AsyncIterator[chat_pb2.SendEvent]:
+        call = self._stub.Send(request, metadata=self._metadata, timeout=timeout)
         try:
             async for event in call:
                 yield event
@@ -109,15 +144,31 @@ class ChatClient:
         self, session_id: str, content: str, max_tokens: int = 0, idempotency_key: str = ""
     ) -> tuple[str, chat_pb2.Done, chat_pb2.Placement]:
         """Send one turn and collect it: (full text, final event, placement; empty for a replay)."""
-        parts: list[str] = []
-        done = chat_pb2.Done()
-        placement = chat_pb2.Placement()
-        async for event in self.send(session_id, content, max_tokens, idempotency_key=idempotency_key):
-            kind = event.WhichOneof("event")
-            if kind == "delta":
-                parts.append(event.delta.text)
-            elif kind == "placement":
-                placement = event.placement
-            elif kind == "done":
-                done = event.done
-        return "".join(parts), done, placement
+        return await _collect(self.send(session_id, content, max_tokens, idempotency_key=idempotency_key))
+
+    async def complete(
+        self,
+        messages: Sequence[tuple[str, str]],
+        model: str = "",
+        max_tokens: int = 0,
+        affinity_key: str = "",
+    ) -> tuple[str, chat_pb2.Done, chat_pb2.Placement]:
+        """A stateless turn (see send_messages), collected: (full text, final event, placement)."""
+        return await _collect(self.send_messages(messages, model, max_tokens, affinity_key))
+
+
+async def _collect(
+    events: AsyncIterator[chat_pb2.SendEvent],
+) -> tuple[str, chat_pb2.Done, chat_pb2.Placement]:
+    parts: list[str] = []
+    done = chat_pb2.Done()
+    placement = chat_pb2.Placement()
+    async for event in events:
+        kind = event.WhichOneof("event")
+        if kind == "delta":
+            parts.append(event.delta.text)
+        elif kind == "placement":
+            placement = event.placement  # the last one names the worker that finished the turn
+        elif kind == "done":
+            done = event.done
+    return "".join(parts), done, placement

@@ -116,3 +116,22 @@ async def test_a_stateless_turn_without_a_model_gets_the_default_one_like_a_sess
                 pass
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "model 'gpt-17' is not served" in (info.value.details() or "")
+
+
+async def test_the_python_client_covers_models_metadata_and_stateless_turns(fleet: Fleet) -> None:
+    await fleet.start({"us-3": ("us-east", 2000), "eu-3": ("eu-west", 2000)})
+    async with fleet.client() as client:
+        assert await client.list_models() == ["llama-3-8b"]
+        session = await client.create_session(metadata={"customer": "acme", "channel": "web"})
+        assert dict((await client.get_session(session.session_id)).metadata) == {
+            "customer": "acme",
+            "channel": "web",
+        }
+        # Stateless: the caller keeps the conversation; its affinity key keeps it on one worker.
+        history = [("system", "Be brief."), ("user", "What is a KV cache?")]
+        text, done, first = await client.complete(history, max_tokens=6, affinity_key="conv-42")
+        assert text and done.usage.completion_tokens == 6 and not done.session_id
+        history += [("assistant", text), ("user", "And a block?")]
+        _, again, second = await client.complete(history, max_tokens=6, affinity_key="conv-42")
+        assert second.worker_id == first.worker_id and again.usage.cached_tokens > 0
+        assert [s.session_id for s in await client.list_sessions()] == [session.session_id]

@@ -17,7 +17,7 @@ import pytest
 from gateway.auth import AuthMode
 from kvgate.containers import MosquittoServer, RedisServer
 from kvgate.redis_conn import connect_redis
-from kvgate.v1 import chat_pb2, common_pb2, telemetry_pb2
+from kvgate.v1 import telemetry_pb2
 from scheduler.store import FleetStore, StoreSettings
 from tests.integration.fleet import Fleet
 
@@ -57,17 +57,10 @@ async def test_a_conversation_and_its_bookkeeping_stay_within_slots(cluster_flee
         # A retried turn is replayed from the idempotency record.
         _, replayed, _ = await client.reply(session.session_id, "again", max_tokens=4, idempotency_key="t2")
         assert replayed.replayed and replayed.turn_index == second.turn_index == first.turn_index + 1
-        stateless = [
-            event.WhichOneof("event")
-            async for event in client._stub.Send(
-                chat_pb2.SendRequest(
-                    model="llama-3-8b", max_tokens=4, affinity_key="conversation-7",
-                    messages=[common_pb2.Message(role="user", content="a stateless question")],
-                ),
-                metadata=client._metadata,
-            )
-        ]  # fmt: skip
-        assert stateless[-1] == "done"
+        _, stateless, _ = await client.complete(
+            [("user", "a stateless question")], max_tokens=4, affinity_key="conversation-7"
+        )
+        assert stateless.usage.completion_tokens == 4
         assert [s.session_id for s in await client.list_sessions()] == [session.session_id]
         assert len((await client.get_session(session.session_id)).turns) == 2
         assert await client.delete_session(session.session_id)
