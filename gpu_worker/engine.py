@@ -54,6 +54,8 @@ class EngineStats:
     tokens_per_s: float
     arithmetic_intensity: float
     prefix_hit_rate: float
+    # Requests whose prompt KV is allocated (prefilled), not merely queued: telemetry lists them
+    # so the scheduler drops their reservations (the proto field keeps its original name).
     admitted_request_ids: tuple[str, ...] = ()
 
     @property

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import aiomqtt
 import redis.exceptions
@@ -15,7 +16,7 @@ from kvgate import topics
 from kvgate.mqtt_url import Backoff, MqttUrl
 from kvgate.v1 import telemetry_pb2
 from scheduler.metrics import TELEMETRY_MESSAGES
-from scheduler.store import TELEMETRY_CLOCK_TICK_S, FleetStore
+from scheduler.store import TELEMETRY_CLOCK_TICK_S, Applied, FleetStore, TelemetryResult
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 # the broker is still up by then: a broker that shuts down delivers its clients' last-wills on
 # its way out, and those say nothing about the workers.
 OFFLINE_CONFIRM_S = 1.0
+STALE_LOG_EVERY_S = 60.0
 
 
 class TelemetryIngest:
@@ -33,6 +35,10 @@ class TelemetryIngest:
         self._client_id = client_id
         self.connected = asyncio.Event()
         self._pending_offline: dict[str, asyncio.Task[None]] = {}
+        # Pin invalidations run beside the ingest: a worker with 100k pinned sessions must not
+        # hold up everyone else's telemetry.
+        self._background: set[asyncio.Task[None]] = set()
+        self._stale_logged: dict[str, float] = {}
 
     async def run(self) -> None:
         # Capped at 2 s: while no ingest is connected the fleet's ages are frozen (placements go
@@ -69,11 +75,42 @@ class TelemetryIngest:
         await asyncio.sleep(OFFLINE_CONFIRM_S)
         self._pending_offline.pop(status.worker_id, None)
         try:
-            await self._store.ingest_status(status)
-            TELEMETRY_MESSAGES.labels(kind=topics.STATUS, outcome="ok").inc()
+            self._applied(topics.STATUS, status.worker_id, await self._store.ingest_status(status))
         except redis.exceptions.RedisError as exc:
             TELEMETRY_MESSAGES.labels(kind=topics.STATUS, outcome="redis_error").inc()
             log.warning("offline status of %s not stored (Redis: %s)", status.worker_id, exc)
+
+    def _applied(self, kind: str, worker_id: str, result: TelemetryResult) -> None:
+        outcome = {Applied.APPLIED: "ok", Applied.DUPLICATE: "duplicate", Applied.STALE: "stale"}
+        TELEMETRY_MESSAGES.labels(kind=kind, outcome=outcome[result.applied]).inc()
+        if result.applied == Applied.STALE:
+            # Normal for a late last-will or batch of a restarted worker. Every message of a running
+            # worker being stale means its host's clock is behind the one it last started on (the
+            # incarnation is its start time): worth a warning, once a minute per worker.
+            now = time.monotonic()
+            if now - self._stale_logged.get(worker_id, -STALE_LOG_EVERY_S) >= STALE_LOG_EVERY_S:
+                self._stale_logged[worker_id] = now
+                log.warning(
+                    "dropping %s telemetry of %s from an older process of it (incarnation behind the "
+                    "registry's: a late message, or a host clock behind the previous one's)",
+                    kind,
+                    worker_id,
+                )
+        if result.pins_invalid:
+            task = asyncio.create_task(self._invalidate_pins(worker_id, int(time.time() * 1000)))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _invalidate_pins(self, worker_id: str, before_ms: int) -> None:
+        try:
+            dropped = await self._store.invalidate_pins(worker_id, before_ms)
+        except redis.exceptions.RedisError as exc:
+            # Its sessions' next turns see a pin to a dead or restarted worker: the policy moves
+            # them off a dead one, and a restarted one only costs them a cache miss.
+            log.warning("pins of %s not invalidated (Redis: %s)", worker_id, exc)
+            return
+        if dropped:
+            log.info("invalidated %d session pins of %s (offline or restarted)", dropped, worker_id)
 
     def _discard_pending_offline(self) -> None:
         if self._pending_offline:
@@ -106,7 +143,7 @@ class TelemetryIngest:
                 stats = telemetry_pb2.WorkerStats.FromString(bytes(payload))
                 if stats.worker_id != worker_id:
                     raise ValueError(f"stats for {stats.worker_id!r} on {worker_id!r}'s topic")
-                await self._store.ingest_stats(stats)
+                result = await self._store.ingest_stats(stats)
             elif kind == topics.STATUS:
                 status = telemetry_pb2.WorkerStatus.FromString(bytes(payload))
                 if status.worker_id != worker_id:
@@ -118,13 +155,13 @@ class TelemetryIngest:
                     confirm = asyncio.create_task(self._confirm_offline(status))
                     self._pending_offline[worker_id] = confirm
                     return
-                await self._store.ingest_status(status)
+                result = await self._store.ingest_status(status)
             else:
                 events = telemetry_pb2.KvEvents.FromString(bytes(payload))
                 if events.worker_id != worker_id:
                     raise ValueError(f"KV events for {events.worker_id!r} on {worker_id!r}'s topic")
-                await self._store.ingest_kv(events)
-            TELEMETRY_MESSAGES.labels(kind=kind, outcome="ok").inc()
+                result = await self._store.ingest_kv(events)
+            self._applied(kind, worker_id, result)
         except (DecodeError, ValueError) as exc:
             TELEMETRY_MESSAGES.labels(kind=kind, outcome="invalid").inc()
             log.warning("dropping bad %s message on %s: %s", kind, topic, exc)

@@ -62,12 +62,11 @@ class SchedulerService:
         return self.host.address
 
     async def _drain_worker(self, worker_id: str) -> None:
-        fleet = await self.store.read_fleet()
-        worker = fleet.workers.get(worker_id)
-        if worker is None or not worker.address:
+        address = await self.store.worker_address(worker_id)
+        if not address:
             return
         try:
-            async with grpc.aio.insecure_channel(worker.address, options=CHANNEL_OPTIONS) as channel:
+            async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
                 await worker_pb2_grpc.WorkerStub(channel).Drain(worker_pb2.DrainRequest(), timeout=5)
         except grpc.aio.AioRpcError as exc:
             # The registry already says draining, so no new sessions land there either way.

@@ -198,7 +198,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     self._store.record_placement(request.session_id, worker_id, pinned, outcome.value)
                 )
                 if prefix_hits:
-                    self._spawn(self._store.refresh_prefix(block_hashes[: max(prefix_hits.values())]))
+                    self._spawn(
+                        self._store.refresh_prefix(block_hashes[: max(prefix_hits.values())], prefix_hits)
+                    )
                 metrics.placements(outcome.value, tier).inc()
                 return scheduler_pb2.PlaceResponse(
                     placed=scheduler_pb2.Placed(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import redis.asyncio as redis
+from redis.asyncio.client import Pipeline
 
 from kvgate.redis_conn import as_str
 from kvgate.v1 import telemetry_pb2
@@ -68,6 +69,22 @@ class ReserveStatus(enum.IntEnum):
     NOT_ACCEPTING = -2
 
 
+class Applied(enum.IntEnum):
+    """What became of one telemetry message (the reply of the telemetry scripts)."""
+
+    APPLIED = 1
+    DUPLICATE = 0  # another replica (or this one) applied it, or a newer one came first
+    STALE = -1  # from an older process of the worker (incarnation.lua)
+
+
+@dataclass(frozen=True)
+class TelemetryResult:
+    applied: Applied
+    # The worker went offline or restarted (its KV cache is gone): invalidate_pins() is due, by
+    # the one replica whose script saw it.
+    pins_invalid: bool = False
+
+
 @dataclass(frozen=True)
 class ReserveResult:
     status: ReserveStatus
@@ -113,6 +130,7 @@ class FleetStore:
         self._ingest_status = client.register_script(_lua("ingest_status.lua", telemetry=True))
         self._ingest_kv = client.register_script(_lua("ingest_kv.lua", telemetry=True))
         self._unpin = client.register_script(_lua("unpin.lua"))
+        self._drain = client.register_script(_lua("drain.lua"))
         self._tick_clock = client.register_script(_lua("telemetry_clock.lua"))
         self._prefix_ttl_ms = int(settings.prefix_index_ttl_s * 1000)
         # Block hash -> when this replica last refreshed its index entry's ttl (monotonic s).
@@ -123,7 +141,7 @@ class FleetStore:
         # workers get --dead-after from then to reconnect before their silence counts.
         self.resumed_ms = 0
 
-    async def ingest_stats(self, stats: telemetry_pb2.WorkerStats) -> None:
+    async def ingest_stats(self, stats: telemetry_pb2.WorkerStats) -> TelemetryResult:
         state = _LIFECYCLE_TO_STATE.get(stats.state, WorkerState.READY)
         fields: list[str | int | float] = [
             "region", stats.region, "address", stats.address, "model", stats.model,
@@ -142,10 +160,11 @@ class FleetStore:
         reply = await self._ingest(
             keys=[*keys.worker_reservation_keys(wid), keys.worker_blocks(wid)], args=args
         )
-        await self._after_telemetry(wid, reply)
+        result = await self._after_telemetry(wid, reply)
         await self._redis.sadd(keys.WORKERS, wid)
+        return result
 
-    async def ingest_status(self, status: telemetry_pb2.WorkerStatus) -> None:
+    async def ingest_status(self, status: telemetry_pb2.WorkerStatus) -> TelemetryResult:
         state = _LIFECYCLE_TO_STATE.get(status.state, WorkerState.OFFLINE)
         wid = status.worker_id
         fields: list[str] = []
@@ -157,10 +176,11 @@ class FleetStore:
             keys=[*keys.worker_reservation_keys(wid), keys.worker_blocks(wid)],
             args=[state.value, status.incarnation, *fields],
         )
-        await self._after_telemetry(wid, reply)
+        result = await self._after_telemetry(wid, reply)
         await self._redis.sadd(keys.WORKERS, wid)
+        return result
 
-    async def ingest_kv(self, events: telemetry_pb2.KvEvents) -> None:
+    async def ingest_kv(self, events: telemetry_pb2.KvEvents) -> TelemetryResult:
         wid = events.worker_id
         reply = await self._ingest_kv(
             keys=[keys.worker_info(wid), keys.worker_blocks(wid)],
@@ -177,55 +197,58 @@ class FleetStore:
         # Mirror the applied batch into the block -> workers index. Block keys live in many
         # Cluster slots, so this is a pipeline after the worker's script rather than part of it:
         # should two replicas' mirrors of consecutive batches interleave, a stale entry can
-        # survive until its ttl, which costs a wrong guess of a cached prefix, never a wrong
-        # commit (reservations are checked against the worker's own accounting).
-        applied, dropped = await self._after_telemetry(wid, reply, mirror=False)
-        if not applied and not dropped:
-            return  # a batch another replica (or this one) already applied
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for block_hash in dropped:
-                pipe.srem(keys.block_workers(int(block_hash)), wid)
-            if applied:
-                for block_hash in events.stored_block_hashes:
-                    key = keys.block_workers(block_hash)
-                    pipe.sadd(key, wid)
-                    pipe.pexpire(key, self._prefix_ttl_ms)
-                for block_hash in events.removed_block_hashes:
-                    pipe.srem(keys.block_workers(block_hash), wid)
-            await pipe.execute()
+        # survive until the next refresh_prefix checks it or its ttl, which costs a wrong guess
+        # of a cached prefix, never a wrong commit (reservations are checked against the
+        # worker's own accounting).
+        result, dropped = _telemetry_reply(reply)
+        applied = result.applied == Applied.APPLIED
+        if applied or dropped:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                _queue_unindex(pipe, wid, dropped)
+                if applied:
+                    for block_hash in events.stored_block_hashes:
+                        key = keys.block_workers(block_hash)
+                        pipe.sadd(key, wid)
+                        pipe.pexpire(key, self._prefix_ttl_ms)
+                    _queue_unindex(pipe, wid, events.removed_block_hashes)
+                await pipe.execute()
+        return result
 
-    async def _after_telemetry(
-        self, worker_id: str, reply: list[bytes | int], *, mirror: bool = True
-    ) -> tuple[bool, list[bytes | int]]:
-        """What a telemetry script's reply asks of the multi-slot state: the worker's pins are
-        invalid (it went offline or restarted: its KV cache is gone), and the blocks it no longer
-        holds leave the block -> workers index (unless the caller mirrors them itself).
-        Returns (applied, dropped block hashes)."""
-        applied, pins_invalid, dropped = bool(int(reply[0])), bool(int(reply[1])), reply[2:]
-        if pins_invalid:
-            await self._invalidate_pins(worker_id)
-        if mirror and dropped:
-            await self._unindex_blocks(worker_id, dropped)
-        return applied, dropped
+    async def _after_telemetry(self, worker_id: str, reply: list[bytes | int]) -> TelemetryResult:
+        """The blocks a telemetry script dropped from the worker's set leave the block -> workers
+        index (many slots, so not in the script)."""
+        result, dropped = _telemetry_reply(reply)
+        if dropped:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                _queue_unindex(pipe, worker_id, dropped)
+                await pipe.execute()
+        return result
 
-    async def _invalidate_pins(self, worker_id: str) -> None:
-        """Drop the pins of the sessions pinned to the worker (each in its own slot, so one script
-        per session; only pins still naming this worker: another replica may have moved one)."""
+    async def invalidate_pins(self, worker_id: str, before_ms: int, batch: int = 1000) -> int:
+        """Drop the pins of the sessions pinned to the worker before `before_ms` (Unix ms: when it
+        went offline or restarted; a session pinned to its new process since keeps its pin), in
+        batches. Each pin is in its session's slot, so one script per session, and only a pin still
+        naming this worker goes (another replica may have moved it). Returns how many went."""
         pins = keys.worker_pins(worker_id)
-        sessions = [as_str(s) for s in await self._redis.zrange(pins, 0, -1) if isinstance(s, bytes | str)]
-        if not sessions:
-            return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for session in sessions:
-                await self._unpin(keys=[keys.session_pin(session)], args=[worker_id], client=pipe)
-            pipe.zrem(pins, *sessions)
-            await pipe.execute()
+        # The index scores a pin by its expiry: written at t, it scores t + ttl.
+        until = before_ms + int(self.settings.pin_idle_ttl_s * 1000)
+        dropped = 0
+        while True:
+            raw = await self._redis.zrangebyscore(pins, "-inf", until, start=0, num=batch)
+            sessions = [as_str(s) for s in raw if isinstance(s, bytes | str)]
+            if not sessions:
+                return dropped
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for session in sessions:
+                    await self._unpin(keys=[keys.session_pin(session)], args=[worker_id], client=pipe)
+                pipe.zrem(pins, *sessions)
+                replies = await pipe.execute()
+            dropped += sum(int(r) for r in replies[:-1])
 
-    async def _unindex_blocks(self, worker_id: str, block_hashes: list[bytes | int]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for block_hash in block_hashes:
-                pipe.srem(keys.block_workers(int(block_hash)), worker_id)
-            await pipe.execute()
+    async def worker_address(self, worker_id: str) -> str:
+        """Where the worker serves gRPC ("" if unknown)."""
+        address = await self._redis.hget(keys.worker_info(worker_id), "address")
+        return as_str(address) if address else ""
 
     async def lookup(
         self, session_id: str, worker_ids: list[str], block_hashes: list[int]
@@ -296,28 +319,52 @@ class FleetStore:
                         hits[wid] = position
         return pin, hits
 
-    async def refresh_prefix(self, block_hashes: Sequence[int]) -> None:
-        """Keep the index entries of blocks a lookup found cached alive: a worker reports a block
-        when it stores it, never when it hits it, so a prefix every conversation shares would
-        otherwise drop out of the index a ttl after it was first cached. Off the hot path (after
-        the placement is answered); each replica refreshes a block at most every quarter ttl."""
+    async def refresh_prefix(self, block_hashes: Sequence[int], holders: Mapping[str, int]) -> None:
+        """Keep the index entries of a prompt's blocks that a lookup found cached alive, checked
+        against the holders' own block sets. A worker reports a block when it stores it, never
+        when it hits it, so a prefix every conversation shares would otherwise drop out of the
+        index a ttl after it was first cached. But the ttl is what ends an entry whose removal
+        was lost (two replicas' mirrors interleaving), so before refreshing, each holder the lookup
+        reported (worker -> leading blocks held) is checked against its authoritative block set
+        and dropped from the blocks it no longer holds. Off the hot path (after the placement is
+        answered); each replica refreshes a block at most every quarter ttl."""
         now = time.monotonic()
-        due = now - self.settings.prefix_index_ttl_s * PREFIX_REFRESH_FRACTION
+        due_before = now - self.settings.prefix_index_ttl_s * PREFIX_REFRESH_FRACTION
         refreshed = self._prefix_refreshed
-        stale: list[int] = []
+        due = False
         for block_hash in block_hashes:
             last = refreshed.get(block_hash)
-            if last is None or last < due:
-                stale.append(block_hash)
+            if last is None or last < due_before:
+                due = True
                 refreshed[block_hash] = now
                 refreshed.move_to_end(block_hash)
         while len(refreshed) > PREFIX_REFRESH_MEMORY:
             refreshed.popitem(last=False)
+        if not due:
+            return
+        # Holding block k means holding 1..k-1 (chained hashes, tail-first eviction): one check per
+        # holder, of the deepest block the index credits it with.
+        held = list(holders.items())
+        checks = await self._mux.execute_many(
+            [("SISMEMBER", keys.worker_blocks(w), block_hashes[depth - 1]) for w, depth in held]
+        )
+        _raise_first_error(checks)
+        stale = [(w, depth) for (w, depth), present in zip(held, checks, strict=True) if not present]
+        commands: list[tuple[str | int, ...]] = []
         if stale:
-            ttl = self._prefix_ttl_ms
-            _raise_first_error(
-                await self._mux.execute_many([("PEXPIRE", keys.block_workers(h), ttl) for h in stale])
+            members = await self._mux.execute_many(
+                [("SMISMEMBER", keys.worker_blocks(w), *block_hashes[:depth]) for w, depth in stale]
             )
+            _raise_first_error(members)
+            for (w, depth), present in zip(stale, members, strict=True):
+                commands.extend(
+                    ("SREM", keys.block_workers(h), w)
+                    for h, has in zip(block_hashes[:depth], present, strict=True)
+                    if not has
+                )
+        ttl = self._prefix_ttl_ms
+        commands.extend(("PEXPIRE", keys.block_workers(h), ttl) for h in block_hashes)
+        _raise_first_error(await self._mux.execute_many(commands))
 
     async def read_fleet(self) -> FleetView:
         members = await self._mux.execute("SMEMBERS", keys.WORKERS, retry=True)
@@ -477,11 +524,7 @@ class FleetStore:
     async def set_draining(self, worker_id: str) -> bool:
         """Drain a worker from the scheduler's side: no new sessions land on it from now on, even
         if the worker never hears of it (the telemetry scripts keep the state until it restarts)."""
-        info = keys.worker_info(worker_id)
-        if not await self._redis.exists(info):
-            return False
-        await self._redis.hset(info, mapping={"state": WorkerState.DRAINING.value, "drain_requested": 1})
-        return True
+        return bool(await self._drain(keys=[keys.worker_info(worker_id)]))
 
     async def count_shed(self, tier: str) -> None:
         await self._mux.execute("HINCRBY", keys.SHED_BY_TIER, tier, 1)
@@ -497,6 +540,17 @@ class FleetStore:
         start = time.perf_counter()
         await self._redis.ping()
         return (time.perf_counter() - start) * 1000
+
+
+def _telemetry_reply(reply: list[bytes | int]) -> tuple[TelemetryResult, list[bytes | int]]:
+    """A telemetry script's reply (incarnation.lua's telemetry_reply): its result, and the block
+    hashes the worker no longer holds."""
+    return TelemetryResult(Applied(int(reply[0])), bool(int(reply[1]))), reply[2:]
+
+
+def _queue_unindex(pipe: Pipeline, worker_id: str, block_hashes: Sequence[bytes | int]) -> None:
+    for block_hash in block_hashes:
+        pipe.srem(keys.block_workers(int(block_hash)), worker_id)
 
 
 def _raise_first_error(replies: list[object]) -> None:

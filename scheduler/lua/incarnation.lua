@@ -1,6 +1,15 @@
 -- Shared prelude of the telemetry scripts (prepended at load time): which process of a worker a
 -- message comes from, and what a scheduler-requested drain means for the state it reports.
 
+-- Empty the worker's block set, appending what it held to `into` (the caller unindexes those).
+local function drop_block_set(blocks, into)
+  for _, block in ipairs(redis.call('SMEMBERS', blocks)) do
+    table.insert(into, block)
+  end
+  redis.call('DEL', blocks)
+  return into
+end
+
 -- A worker stamps its telemetry with its process start time (its incarnation). Compared with
 -- the registry's: -1, an older process (a late last-will, a delayed batch): drop the message;
 -- 0, the current process (or a message that does not say); 1, a worker restarted under the same
@@ -20,9 +29,7 @@ local function adopt_incarnation(info, blocks, incarnation)
   end
   redis.call('HSET', info, 'incarnation', incarnation, 'seq', -1, 'kv_seq', -1)
   redis.call('HDEL', info, 'drain_requested')
-  local held = redis.call('SMEMBERS', blocks)
-  redis.call('DEL', blocks)
-  return 1, held
+  return 1, drop_block_set(blocks, {})
 end
 
 -- The state to record for the one a worker reports: a drain the scheduler requested holds until
@@ -35,6 +42,7 @@ local function effective_state(info, reported)
 end
 
 -- {applied, pins invalid, block hashes to unindex...}, the reply of every telemetry script.
+-- applied: 1 applied, 0 a duplicate or an older seq, -1 from an older process of the worker.
 local function telemetry_reply(applied, pins_invalid, blocks)
   table.insert(blocks, 1, pins_invalid)
   table.insert(blocks, 1, applied)

@@ -9,7 +9,7 @@
 -- the batch into the block -> workers index.
 local order, dropped = adopt_incarnation(KEYS[1], KEYS[2], tonumber(ARGV[4]))
 if order < 0 then
-  return telemetry_reply(0, 0, {})
+  return telemetry_reply(-1, 0, {})
 end
 local seq = tonumber(ARGV[1])
 local last = tonumber(redis.call('HGET', KEYS[1], 'kv_seq') or '-1')
@@ -18,10 +18,7 @@ if seq <= last then
 end
 redis.call('HSET', KEYS[1], 'kv_seq', seq)
 if ARGV[2] == '1' then
-  for _, block in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-    table.insert(dropped, block)
-  end
-  redis.call('DEL', KEYS[2])
+  drop_block_set(KEYS[2], dropped)
 end
 local n = tonumber(ARGV[5])
 local i = 6

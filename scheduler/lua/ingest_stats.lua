@@ -7,7 +7,7 @@
 local info, resv, expiry, blocks = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local order, held = adopt_incarnation(info, blocks, tonumber(ARGV[3]))
 if order < 0 then
-  return telemetry_reply(0, 0, {})
+  return telemetry_reply(-1, 0, {})
 end
 local seq = tonumber(ARGV[1])
 local last = tonumber(redis.call('HGET', info, 'seq') or '-1')

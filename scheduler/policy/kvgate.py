@@ -143,30 +143,34 @@ class KvgatePolicy:
 
 
 def estimate_shed(request: PlacementRequest, fleet: FleetView, config: KvgateConfig) -> Shed:
-    """Why nothing takes the request, and when to retry. TOO_LARGE: it needs more than any live
+    """Why nothing takes the request, and when to retry. TOO_LARGE: it needs more than any
     worker serving the model could ever hold for its tier (capacity less the tier's headroom),
-    so no retry helps and there is no hint. NO_WORKER: no live worker serving the model that
-    could hold it accepts requests (none runs, the rest drain or failed this request). Else
-    AT_CAPACITY, with the time the drain rate of the workers that could take it needs to free the
-    deficit on the one closest to fitting it (with its tier's headroom)."""
+    dead ones included, so no retry helps and there is no hint. NO_WORKER: no live worker serving
+    the model that could hold it accepts requests (none runs, the big ones are down or drain, or
+    failed this request). Else AT_CAPACITY, with the time the drain rate of the workers that
+    could take it needs to free the deficit on the one closest to fitting it (with its tier's
+    headroom)."""
     tier = config.effective_tier(request.tier)
     headroom = config.headroom_fraction(request.tier)
     need = request.tokens_needed
     model = request.model
     excluded = request.exclude_workers
     serving = 0
-    # The tier's room on the largest live worker serving the model, as the Fits filter computes
-    # it for an empty worker. Draining and excluded workers count: their size says what the
-    # model's workers can hold.
+    # The tier's room on the largest worker registered for the model, as the Fits filter
+    # computes it for an empty worker. Dead, draining and excluded workers count: their size
+    # says what the model's workers can hold, and a pool of big GPUs that is restarting must not
+    # turn long requests into permanent errors.
     largest = 0.0
     best_spare: float | None = None
     drain = 0.0
     for w in fleet.workers.values():
-        if w.model != model or not fleet.is_alive(w):
+        if w.model != model:
             continue
-        serving += 1
         room = w.capacity_tokens - headroom * w.capacity_tokens
         largest = max(largest, room)
+        if not fleet.is_alive(w):
+            continue
+        serving += 1
         if w.state != WorkerState.READY or w.worker_id in excluded or room < need:
             continue
         # Only workers that could take the request later count: room that a draining or excluded
@@ -175,14 +179,7 @@ def estimate_shed(request: PlacementRequest, fleet: FleetView, config: KvgateCon
         spare = spare_tokens(fleet, w, headroom)
         if best_spare is None or spare > best_spare:
             best_spare = spare
-    if serving == 0:
-        return Shed(
-            retry_after_s=_NO_WORKER_RETRY_S,
-            reason=f"no live worker serves {model}",
-            tier=tier,
-            code=ShedCode.NO_WORKER,
-        )
-    if need > largest:
+    if need > largest and largest > 0:
         limit = math.floor(largest)
         return Shed(
             retry_after_s=0.0,
@@ -192,10 +189,17 @@ def estimate_shed(request: PlacementRequest, fleet: FleetView, config: KvgateCon
             code=ShedCode.TOO_LARGE,
             limit_tokens=limit,
         )
+    if serving == 0:
+        return Shed(
+            retry_after_s=_NO_WORKER_RETRY_S,
+            reason=f"no live worker serves {model}",
+            tier=tier,
+            code=ShedCode.NO_WORKER,
+        )
     if best_spare is None:
         return Shed(
             retry_after_s=_NO_WORKER_RETRY_S,
-            reason=f"no worker serving {model} that could hold it accepts requests",
+            reason=f"no live worker serving {model} that could hold it accepts requests",
             tier=tier,
             code=ShedCode.NO_WORKER,
         )

@@ -10,7 +10,7 @@ import redis.asyncio
 from kvgate.containers import MosquittoServer, RedisServer
 from scheduler import redis_mux
 from scheduler.store import FleetStore, StoreSettings
-from tests.integration.fleet import Fleet
+from tests.integration.fleet import Fleet, clear_retained_statuses
 from tests.integration.slow_redis import SlowReplyProxy
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
@@ -71,6 +71,7 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.fixture
 async def fleet(clean_redis: str, mosquitto_server: MosquittoServer) -> AsyncIterator[Fleet]:
+    await clear_retained_statuses(mosquitto_server.url)
     f = Fleet(redis_url=clean_redis, mqtt_url=mosquitto_server.url)
     try:
         yield f

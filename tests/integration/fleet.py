@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiomqtt
 import grpc
 import redis.asyncio as redis
 
@@ -15,10 +17,31 @@ from gateway.client import ChatClient
 from gateway.keystore import KeyStore
 from gateway.server import GatewayService, GatewaySettings
 from gpu_worker.server import WorkerService, WorkerSettings
+from kvgate import topics
+from kvgate.mqtt_url import MqttUrl
 from kvgate.redis_conn import connect_redis
 from kvgate.v1 import scheduler_pb2, scheduler_pb2_grpc, telemetry_pb2
 from scheduler.server import SchedulerService, SchedulerSettings
 from scheduler.store import FleetStore, StoreSettings
+
+
+async def clear_retained_statuses(mqtt_url: str, quiet_s: float = 0.3) -> int:
+    """Delete every worker's retained status on the broker (the session's broker outlives each
+    test's fleet, and a retained OFFLINE of an earlier test's worker "b" would take this test's
+    "b" out of placement a second after its scheduler starts). Returns how many there were."""
+    broker = MqttUrl.parse(mqtt_url)
+    topics_seen: list[str] = []
+    async with aiomqtt.Client(hostname=broker.host, port=broker.port) as client:
+        await client.subscribe(topics.topic("+", topics.STATUS), qos=1)
+        # The broker sends the retained messages right after the subscription; then it is quiet.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(quiet_s):
+                async for message in client.messages:
+                    if message.retain and message.payload:
+                        topics_seen.append(str(message.topic))
+        for topic in topics_seen:
+            await client.publish(topic, b"", qos=1, retain=True)
+    return len(topics_seen)
 
 
 async def report_worker(store: FleetStore, worker_id: str, used_blocks: int, seq: int = 1) -> None:

@@ -16,10 +16,12 @@ from scheduler import keys
 from scheduler.server import SchedulerService
 from tests.integration.fleet import Fleet
 
-# "a" holds the session's KV but has 160 tokens free; at 2,000 tokens/s it frees the 2,940 more
-# the turn needs in ~1.5 s. Recomputing the 3,000-token history on "b" (1,000 tokens/s of
-# prefill) would take 3 s, so the policy waits for "a".
+# "a" holds the session's KV but has 160 tokens free; at 1,000 tokens/s it frees the 2,940 more
+# the turn needs in ~2.9 s. Recomputing the 3,000-token history on "b" (500 tokens/s of prefill)
+# would take 6 s, so the policy waits for "a". Seconds apart, so that a loaded CI machine's
+# scheduling delays cannot change what the tests see.
 PROMPT, NEW = 3000, 100
+DRAIN_TOKENS_PER_S, PREFILL_TOKENS_PER_S = 1000.0, 500.0
 
 
 async def _report(scheduler: SchedulerService, worker_id: str, used_blocks: int, prefill: float) -> None:
@@ -27,7 +29,7 @@ async def _report(scheduler: SchedulerService, worker_id: str, used_blocks: int,
         telemetry_pb2.WorkerStats(
             worker_id=worker_id, region="us-east", address=f"{worker_id}:1", model="m", engine="sim",
             state=telemetry_pb2.WORKER_LIFECYCLE_READY, block_size=16, num_blocks_total=1000,
-            num_blocks_used=used_blocks, tokens_per_s=2000.0, prefill_tokens_per_s=prefill,
+            num_blocks_used=used_blocks, tokens_per_s=DRAIN_TOKENS_PER_S, prefill_tokens_per_s=prefill,
             seq=time.time_ns() // 1000,
         )
     )  # fmt: skip
@@ -35,8 +37,8 @@ async def _report(scheduler: SchedulerService, worker_id: str, used_blocks: int,
 
 async def _pinned_to_full_worker(fleet: Fleet) -> SchedulerService:
     scheduler = await fleet.start_scheduler()
-    await _report(scheduler, "a", used_blocks=990, prefill=1000.0)
-    await _report(scheduler, "b", used_blocks=0, prefill=1000.0)
+    await _report(scheduler, "a", used_blocks=990, prefill=PREFILL_TOKENS_PER_S)
+    await _report(scheduler, "b", used_blocks=0, prefill=PREFILL_TOKENS_PER_S)
     # The session's last turn ran on "a" (placed by another replica: this one has no hint of it).
     await scheduler.store.record_placement("s1", "a", None, "new")
     return scheduler
@@ -73,7 +75,7 @@ async def test_a_place_waits_for_its_full_pinned_worker_and_lands_there_once_it_
         )
         await asyncio.sleep(0.5)
         assert not call.done(), "the Place should be waiting for the pinned worker"
-        await _report(scheduler, "a", used_blocks=0, prefill=1000.0)  # its running turns finished
+        await _report(scheduler, "a", used_blocks=0, prefill=PREFILL_TOKENS_PER_S)  # its turns finished
         response = await call
     assert response.placed.worker_id == "a"
     assert response.placed.outcome == scheduler_pb2.PLACE_OUTCOME_PINNED_HIT
@@ -81,12 +83,12 @@ async def test_a_place_waits_for_its_full_pinned_worker_and_lands_there_once_it_
 
 
 async def test_the_wait_ends_in_time_to_answer_before_the_callers_deadline(fleet: Fleet) -> None:
-    # The estimated wait (~1.5 s) is longer than the caller gives the Place: it must fall back to
+    # The estimated wait (~2.9 s) is longer than the caller gives the Place: it must fall back to
     # "b" and answer, not run into DEADLINE_EXCEEDED.
     scheduler = await _pinned_to_full_worker(fleet)
     async with grpc.aio.insecure_channel(scheduler.address) as channel:
-        response = await scheduler_pb2_grpc.SchedulerStub(channel).Place(_request("r1"), timeout=1.2)
-    assert response.placed.worker_id == "b"
+        response = await scheduler_pb2_grpc.SchedulerStub(channel).Place(_request("r1"), timeout=1.8)
+    assert response.placed.worker_id == "b", response
     assert response.placed.outcome == scheduler_pb2.PLACE_OUTCOME_MOVED
     assert await _reserved(fleet, "a") == 0 and await _reserved(fleet, "b") == PROMPT + NEW
 

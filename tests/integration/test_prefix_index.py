@@ -131,6 +131,7 @@ async def test_a_prefix_placements_keep_finding_stays_in_the_index(clean_redis: 
         await store.ingest_kv(telemetry_pb2.KvEvents(worker_id="a", seq=1, stored_block_hashes=[41, 42, 43]))
         servicer = SchedulerServicer(store, FleetCache(store, max_age_s=0), make_policy("kvgate"), _no_drain)
         for i in range(8):  # 4 s: twice the ttl, the blocks stored only once
+            await report_worker(store, "a", used_blocks=0, seq=2 + i)  # a live worker's telemetry
             placed = await servicer._place(
                 scheduler_pb2.PlaceRequest(
                     request_id=f"r{i}", model="m", tier="free", prompt_tokens=80, max_new_tokens=8,
@@ -145,6 +146,21 @@ async def test_a_prefix_placements_keep_finding_stays_in_the_index(clean_redis: 
     finally:
         await store.aclose()
         await client.aclose()
+
+
+async def test_a_refresh_first_drops_holders_whose_own_block_set_lost_the_blocks(store: FleetStore) -> None:
+    """The ttl ends index entries whose removal was lost (two replicas' mirrors interleaving);
+    a refresh must not keep those alive: it checks each holder against its own block set, which
+    its KV events update atomically."""
+    for wid in ("a", "b"):
+        await report_worker(store, wid, used_blocks=0)
+        await store.ingest_kv(telemetry_pb2.KvEvents(worker_id=wid, seq=1, stored_block_hashes=[51, 52]))
+    # b evicted 52; its own set says so, but the index missed the removal.
+    await store._redis.srem(keys.worker_blocks("b"), 52)
+    _, hits = await store.lookup("", ["a", "b"], [51, 52])
+    assert hits == {"a": 2, "b": 2}
+    await store.refresh_prefix([51, 52], hits)
+    assert (await store.lookup("", ["a", "b"], [51, 52]))[1] == {"a": 2, "b": 1}
 
 
 async def _no_drain(worker_id: str) -> None:

@@ -10,6 +10,7 @@ does not follow MOVED redirects (README, deploy/k8s/README.md).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -93,7 +94,7 @@ async def test_the_schedulers_telemetry_and_reservation_scripts_stay_within_slot
         assert (await store.reserve("a", "r1", 100)).free_after == 16_000 - 100
         assert (await store.reserve("a", "r2", 100)).free_after == 16_000 - 200
         await store.record_placement("s1", "a", None, "new")
-        await store.refresh_prefix([1, 2, 3])
+        await store.refresh_prefix([1, 2, 3], {"a": 3})
         assert await store.release("a", "r2")
         await store.ingest_stats(stats(2, 1, ["r1"]))  # telemetry accounts for r1
         assert await store.reserved_tokens("a") == 0
@@ -111,11 +112,13 @@ async def test_the_schedulers_telemetry_and_reservation_scripts_stay_within_slot
                 worker_id="a", state=telemetry_pb2.WORKER_LIFECYCLE_OFFLINE, incarnation=1
             )
         )
-        await store.ingest_status(
+        offline = await store.ingest_status(
             telemetry_pb2.WorkerStatus(
                 worker_id="a", state=telemetry_pb2.WORKER_LIFECYCLE_OFFLINE, incarnation=2
             )
         )
+        assert offline.pins_invalid
+        await store.invalidate_pins("a", before_ms=int(time.time() * 1000))
         assert (await store.read_fleet()).workers["a"].state.value == "offline"
         assert await store.status_extras(["a"]) == {"a": (0, 0)}
         assert await store.shed_counts() == {"free": 1}

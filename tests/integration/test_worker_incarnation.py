@@ -5,12 +5,13 @@ drain requested of it) goes."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from gateway.prompt import prompt_block_hashes
 from kvgate.v1 import common_pb2, telemetry_pb2
 from scheduler import keys
 from scheduler.policy import WorkerState
-from scheduler.store import FleetStore
+from scheduler.store import Applied, FleetStore
 from tests.integration.fleet import Fleet
 
 READY = telemetry_pb2.WORKER_LIFECYCLE_READY
@@ -30,6 +31,10 @@ def _stats(seq: int, incarnation: int, used: int = 0) -> telemetry_pb2.WorkerSta
         worker_id="a", region="us-east", address="a:1", model="m", engine="sim", state=READY,
         block_size=16, num_blocks_total=1000, num_blocks_used=used, seq=seq, incarnation=incarnation,
     )  # fmt: skip
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _status(state: int, incarnation: int) -> telemetry_pb2.WorkerStatus:
@@ -87,17 +92,42 @@ async def test_offline_or_restart_invalidates_the_pins_that_still_name_the_worke
     # s3 moved to b since, by another replica whose index entry for a has not been trimmed.
     await store._redis.set(keys.session_pin("s3"), "b")
 
-    await store.ingest_status(_status(OFFLINE, OLD))
+    offline = await store.ingest_status(_status(OFFLINE, OLD))
+    # Every replica ingests the last-will; only the one whose script saw the transition acts.
+    assert offline.pins_invalid and not (await store.ingest_status(_status(OFFLINE, OLD))).pins_invalid
+    went_offline = _now_ms()
+    await asyncio.sleep(0.01)
+    await store.record_placement("s5", "a", None, "new")  # after the event (a racing placement)
+    assert await store.invalidate_pins("a", before_ms=went_offline) == 2
     assert (await store.lookup("s1", [], []))[0] is None
     assert (await store.lookup("s2", [], []))[0] is None
     assert (await store.lookup("s3", [], []))[0] == "b"
-    assert await store._redis.exists(keys.worker_pins("a")) == 0
+    assert (await store.lookup("s5", [], []))[0] == "a"
 
-    # A restart (a crash whose last-will never arrived) does the same.
+    # A restart (a crash whose last-will never arrived) does the same, once.
     await store.ingest_stats(_stats(1, NEW))
     await store.record_placement("s4", "a", None, "new")
-    await store.ingest_stats(_stats(9, NEW + 1))
+    restarted = await store.ingest_stats(_stats(9, NEW + 1))
+    assert restarted.pins_invalid and not (await store.ingest_stats(_stats(10, NEW + 1))).pins_invalid
+    assert await store.invalidate_pins("a", before_ms=_now_ms() + 1) == 2  # s4 and s5
     assert (await store.lookup("s4", [], []))[0] is None
+    assert await store._redis.zcard(keys.worker_pins("a")) == 0
+
+
+async def test_pins_are_invalidated_in_batches(store: FleetStore) -> None:
+    await store.ingest_stats(_stats(1, OLD))
+    for i in range(25):
+        await store.record_placement(f"s{i}", "a", None, "new")
+    assert await store.invalidate_pins("a", before_ms=_now_ms() + 1, batch=10) == 25
+    assert [(await store.lookup(f"s{i}", [], []))[0] for i in range(25)] == [None] * 25
+
+
+async def test_messages_of_an_older_process_are_reported_stale(store: FleetStore) -> None:
+    assert (await store.ingest_stats(_stats(1, NEW))).applied == Applied.APPLIED
+    assert (await store.ingest_stats(_stats(1, NEW))).applied == Applied.DUPLICATE
+    assert (await store.ingest_stats(_stats(2, OLD))).applied == Applied.STALE
+    assert (await store.ingest_kv(_kv(2, OLD, [11]))).applied == Applied.STALE
+    assert (await store.ingest_status(_status(OFFLINE, OLD))).applied == Applied.STALE
 
 
 async def test_a_drain_requested_by_the_scheduler_holds_until_the_worker_restarts(store: FleetStore) -> None:
@@ -112,6 +142,14 @@ async def test_a_drain_requested_by_the_scheduler_holds_until_the_worker_restart
     assert await _state(store) == WorkerState.READY
     await store.ingest_stats(_stats(1, NEW))
     assert await _state(store) == WorkerState.READY
+
+
+async def test_draining_an_offline_worker_leaves_it_offline(store: FleetStore) -> None:
+    await store.ingest_stats(_stats(1, OLD))
+    await store.ingest_status(_status(OFFLINE, OLD))
+    assert await store.set_draining("a")
+    assert await _state(store) == WorkerState.OFFLINE
+    assert not await store.set_draining("nobody")
 
 
 async def test_a_workers_block_set_lives_as_long_as_the_worker_reports(store: FleetStore) -> None:
@@ -138,9 +176,11 @@ async def test_a_crashed_and_restarted_worker_process_is_indexed_afresh(fleet: F
     system = "You answer questions about GPUs. " * 16  # several full KV blocks
     hashes = prompt_block_hashes([common_pb2.Message(role="system", content=system)])
     async with fleet.client() as client:
-        session = await client.create_session(system_prompt=system)
-        await client.reply(session.session_id, "What is HBM?", max_tokens=4)
+        pinned = await client.create_session(system_prompt=system)
+        await client.reply(pinned.session_id, "What is HBM?", max_tokens=4)
     assert await _holders(fleet, hashes, None, timeout_s=10)
+    store = fleet.scheduler.store
+    assert (await store.lookup(pinned.session_id, [], []))[0] == "w1"
     await asyncio.sleep(1)  # the old process's telemetry gets well into its sequence numbers
 
     # A crash: telemetry stops without a word, and no last-will reaches the scheduler in time.
@@ -152,8 +192,14 @@ async def test_a_crashed_and_restarted_worker_process_is_indexed_afresh(fleet: F
     restarted = await fleet.add_worker("w1", "us-east", num_gpu_blocks=4000)
     assert restarted.telemetry is not None and crashed.telemetry.incarnation < restarted.telemetry.incarnation
 
-    # The new process's cache is empty: what the old one held leaves the index...
+    # The new process's cache is empty: what the old one held leaves the index, and the pins of
+    # the sessions it held go (the scheduler's ingest drops them beside its telemetry)...
     assert await _holders(fleet, hashes, {}, timeout_s=10) == {}
+    for _ in range(100):
+        if (await store.lookup(pinned.session_id, [], []))[0] is None:
+            break
+        await asyncio.sleep(0.05)
+    assert (await store.lookup(pinned.session_id, [], []))[0] is None
     # ... and what the new one caches enters it, though its sequence numbers started again at 1.
     async with fleet.client() as client:
         session = await client.create_session(system_prompt=system)

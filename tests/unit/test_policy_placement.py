@@ -355,7 +355,7 @@ def test_a_request_no_worker_could_ever_hold_is_too_large_not_at_capacity(name: 
     assert "2881" in never.reason and "2880" in never.reason
 
 
-def test_too_large_is_judged_with_the_tiers_headroom_and_every_live_worker_of_the_model() -> None:
+def test_too_large_is_judged_with_the_tiers_headroom_and_every_worker_of_the_model() -> None:
     view = fleet(*_SMALL_AND_FULL_BIG)
     enterprise = KvgatePolicy().place(
         request(prompt_tokens=3100, max_new_tokens=100, tier="enterprise"), view
@@ -371,9 +371,13 @@ def test_too_large_is_judged_with_the_tiers_headroom_and_every_live_worker_of_th
     )
     for decision in (draining, excluded):
         assert isinstance(decision, Shed) and decision.code is ShedCode.NO_WORKER
-    # A dead big worker does not count: only live workers do.
+    # So does a dead one (the pool of big GPUs restarting): retry later, not a permanent error.
     gone = KvgatePolicy().place(
         request(prompt_tokens=2700, max_new_tokens=100),
         fleet(_SMALL_AND_FULL_BIG[0], worker("big", 200, 0, state=WorkerState.OFFLINE)),
     )
-    assert isinstance(gone, Shed) and gone.code is ShedCode.TOO_LARGE and gone.limit_tokens == 1440
+    assert isinstance(gone, Shed) and gone.code is ShedCode.NO_WORKER and gone.retry_after_s == 5.0
+    # Only when no worker of the model, alive or not, could ever hold it is it too large.
+    too_large = KvgatePolicy().place(request(prompt_tokens=2700, max_new_tokens=100), fleet(small))
+    assert isinstance(too_large, Shed) and too_large.code is ShedCode.TOO_LARGE
+    assert too_large.limit_tokens == 1440

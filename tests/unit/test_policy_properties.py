@@ -94,8 +94,9 @@ def test_candidates_are_feasible_and_distinct_and_shed_only_when_nothing_fits(
         assert not any_fits
         assert decision.tier in CONFIG.tier_headroom
         headroom = CONFIG.headroom_fraction(request.tier)
-        serving = [w for w in fleet.workers.values() if w.model == request.model and fleet.is_alive(w)]
-        largest = max((w.capacity_tokens - headroom * w.capacity_tokens for w in serving), default=None)
+        registered = [w for w in fleet.workers.values() if w.model == request.model]
+        serving = [w for w in registered if fleet.is_alive(w)]
+        largest = max((w.capacity_tokens - headroom * w.capacity_tokens for w in registered), default=None)
         # Workers that could take the request once they have room.
         takers = [
             w
@@ -105,7 +106,7 @@ def test_candidates_are_feasible_and_distinct_and_shed_only_when_nothing_fits(
             and request.tokens_needed <= w.capacity_tokens - headroom * w.capacity_tokens
         ]
         if decision.code is ShedCode.TOO_LARGE:
-            # No retry can help: even the largest live worker serving the model, empty, is too small.
+            # No retry can help: even the largest worker of the model, empty and alive, is too small.
             assert largest is not None and request.tokens_needed > largest
             assert decision.limit_tokens == math.floor(largest) and decision.retry_after_s == 0.0
             return

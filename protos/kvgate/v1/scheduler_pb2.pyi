@@ -53,12 +53,13 @@ class _ShedCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShedCode.Val
     SHED_CODE_AT_CAPACITY: _ShedCode.ValueType  # 0
     """The fleet has no room for the request's tier right now: retry after retry_after_ms."""
     SHED_CODE_NO_WORKER: _ShedCode.ValueType  # 1
-    """No live worker serving the model takes new requests (none runs it, or all drain): retry
-    after retry_after_ms, when one may have come up.
+    """No live worker serving the model that could hold the request takes it now (none runs, the
+    big ones are down or drain): retry after retry_after_ms, when one may have come up.
     """
     SHED_CODE_TOO_LARGE: _ShedCode.ValueType  # 2
-    """The request needs more KV tokens (tokens_needed) than any live worker serving the model can
-    ever hold for its tier (tokens_limit): retrying cannot help; a smaller request can.
+    """The request needs more KV tokens (tokens_needed) than any worker registered for the model,
+    alive or not, can ever hold for its tier (tokens_limit): retrying cannot help; a smaller
+    request can.
     """
 
 class ShedCode(_ShedCode, metaclass=_ShedCodeEnumTypeWrapper):
@@ -69,12 +70,13 @@ class ShedCode(_ShedCode, metaclass=_ShedCodeEnumTypeWrapper):
 SHED_CODE_AT_CAPACITY: ShedCode.ValueType  # 0
 """The fleet has no room for the request's tier right now: retry after retry_after_ms."""
 SHED_CODE_NO_WORKER: ShedCode.ValueType  # 1
-"""No live worker serving the model takes new requests (none runs it, or all drain): retry
-after retry_after_ms, when one may have come up.
+"""No live worker serving the model that could hold the request takes it now (none runs, the
+big ones are down or drain): retry after retry_after_ms, when one may have come up.
 """
 SHED_CODE_TOO_LARGE: ShedCode.ValueType  # 2
-"""The request needs more KV tokens (tokens_needed) than any live worker serving the model can
-ever hold for its tier (tokens_limit): retrying cannot help; a smaller request can.
+"""The request needs more KV tokens (tokens_needed) than any worker registered for the model,
+alive or not, can ever hold for its tier (tokens_limit): retrying cannot help; a smaller
+request can.
 """
 Global___ShedCode: _TypeAlias = ShedCode  # noqa: Y015
 
@@ -181,8 +183,8 @@ class Shed(_message.Message):
     reason: _builtins.str
     code: Global___ShedCode.ValueType
     tokens_needed: _builtins.int
-    """KV tokens the request needs (prompt + max new tokens), and for TOO_LARGE the most one live
-    worker serving the model can hold for the request's tier (0 otherwise).
+    """KV tokens the request needs (prompt + max new tokens), and for TOO_LARGE the most one worker
+    of the model can hold for the request's tier (0 otherwise).
     """
     tokens_limit: _builtins.int
     def __init__(
