@@ -56,11 +56,24 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+# JSON may write any character as a \uXXXX escape: 6 bytes for a 1-byte character. Encoders do
+# so for more than control characters: Go's encoding/json escapes every <, > and & by default
+# (\u003c), so HTML or code stretches 6x; an emoji's 4 UTF-8 bytes are 12 as \ud83d\ude00.
+MAX_ESCAPE_STRETCH = 6
+# A message's own JSON ({"role": "assistant", "content": ""}, pretty-printed, an optional name).
+MESSAGE_JSON_BYTES = 128
+BODY_SLACK_BYTES = 64 * 1024
+
+
 def max_body_bytes(limits: Limits) -> int:
-    """The largest request body that can carry a conversation the Chat service accepts: JSON
-    escapes stretch text up to 3x (an emoji's 4 UTF-8 bytes are 12 as `\\ud83d\\ude00`), plus each
-    message's own JSON. Anything larger cannot be served, so it is not read, let alone parsed."""
-    return 3 * limits.max_conversation_bytes + 64 * limits.max_conversation_messages + 64 * 1024
+    """The largest request body that can carry a conversation the Chat service accepts, however
+    its JSON was escaped. Anything larger cannot be served, so it is not read, let alone parsed;
+    the conversation cap (checked by the Chat service on the parsed text) stays the real limit."""
+    return (
+        MAX_ESCAPE_STRETCH * limits.max_conversation_bytes
+        + MESSAGE_JSON_BYTES * limits.max_conversation_messages
+        + BODY_SLACK_BYTES
+    )
 
 
 class OpenAIFacade:
