@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import queue
 import signal
@@ -91,19 +92,21 @@ async def _turn(
 ) -> None:
     placement = chat_pb2.Placement()
     mid_line = False
+    events = client.send(session_id, text, args.max_tokens, idempotency_key=idempotency_key)
     try:
-        async for event in client.send(session_id, text, args.max_tokens, idempotency_key=idempotency_key):
-            kind = event.WhichOneof("event")
-            if kind == "placement":
-                placement = event.placement
-            elif kind == "delta":
-                sys.stdout.write(event.delta.text)
-                sys.stdout.flush()
-                mid_line = True
-            elif kind == "done":
-                sys.stdout.write("\n")
-                mid_line = False
-                _summary(event.done, placement, session_id, args)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                kind = event.WhichOneof("event")
+                if kind == "placement":
+                    placement = event.placement
+                elif kind == "delta":
+                    sys.stdout.write(event.delta.text)
+                    sys.stdout.flush()
+                    mid_line = True
+                elif kind == "done":
+                    sys.stdout.write("\n")
+                    mid_line = False
+                    _summary(event.done, placement, session_id, args)
     finally:
         if mid_line:  # stopped or failed mid-reply: what follows starts on a line of its own
             sys.stdout.write("\n")

@@ -17,16 +17,16 @@ no worker, and makes up names in the fleet's style with engine "vllm", what a GP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Protocol
 
 from gateway.metrics import QUARANTINED_TURNS
-from gateway.relay import TurnJob, TurnProgress
+from gateway.relay import Runner, TurnJob, TurnProgress
 from kvgate.v1 import chat_pb2
 
 # Same naming as a real fleet's workers: the stream must not stand out.
@@ -70,10 +70,6 @@ def fake_worker(session_id: str) -> tuple[str, str]:
     return f"{region.split('-')[0]}-{digest[1] % 8 + 1}", region
 
 
-class Runner(Protocol):
-    def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]: ...
-
-
 class FleetLook:
     """The workers (id, region, engine) that real turns of this gateway were placed on lately."""
 
@@ -107,11 +103,13 @@ class _Watched:
         self._runner = runner
         self._look = look
 
-    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]:
-        async for event in self._runner.stream(job, progress):
-            if event.HasField("placement"):
-                self._look.observe(event.placement)
-            yield event
+    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncGenerator[chat_pb2.SendEvent, None]:
+        # aclosing: closing this stream closes the runner's at once (see RefundUnlessServed).
+        async with contextlib.aclosing(self._runner.stream(job, progress)) as events:
+            async for event in events:
+                if event.HasField("placement"):
+                    self._look.observe(event.placement)
+                yield event
 
 
 class Meower:
@@ -122,7 +120,7 @@ class Meower:
         self._rng = rng or random.Random()
         self._look = look or FleetLook()
 
-    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]:
+    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncGenerator[chat_pb2.SendEvent, None]:
         QUARANTINED_TURNS.inc()
         worker_id, region, engine = self._look.worker_for(job.session_id)
         # A continued conversation would have been a cache hit on its pinned worker.

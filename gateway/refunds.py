@@ -9,16 +9,13 @@ served. A turn the client abandons is not refunded: its prompt may already have 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+import contextlib
+from collections.abc import AsyncGenerator
 
 from gateway.auth import Caller
 from gateway.gate import Gate
-from gateway.relay import TurnJob, TurnProgress
+from gateway.relay import Runner, TurnJob, TurnProgress
 from kvgate.v1 import chat_pb2
-
-if TYPE_CHECKING:
-    from gateway.servicer import Runner
 
 
 class RefundUnlessServed:
@@ -30,10 +27,13 @@ class RefundUnlessServed:
         self._caller = caller
         self._tokens = tokens
 
-    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]:
+    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncGenerator[chat_pb2.SendEvent, None]:
         try:
-            async for event in self._runner.stream(job, progress):
-                yield event
+            # aclosing: a client going away closes this stream, which must end the worker's
+            # call now, not whenever the garbage collector finalizes the inner generator.
+            async with contextlib.aclosing(self._runner.stream(job, progress)) as events:
+                async for event in events:
+                    yield event
         except Exception:
             # CancelledError and GeneratorExit (the client went away) are not Exceptions.
             if progress.completion_tokens == 0:
