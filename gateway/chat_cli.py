@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import queue
 import signal
@@ -76,8 +77,13 @@ def _max_tokens(value: str) -> int:
         tokens = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
-    if not 0 <= tokens <= UINT32_MAX:
+    if tokens < 0:
         raise argparse.ArgumentTypeError(f"must be positive (or 0 for the gateway's default), got {tokens}")
+    if tokens > UINT32_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {UINT32_MAX} (the request field is 32 bits; the gateway's own limit, "
+            f"4,096 by default, is lower), got {tokens}"
+        )
     return tokens
 
 
@@ -86,19 +92,21 @@ async def _turn(
 ) -> None:
     placement = chat_pb2.Placement()
     mid_line = False
+    events = client.send(session_id, text, args.max_tokens, idempotency_key=idempotency_key)
     try:
-        async for event in client.send(session_id, text, args.max_tokens, idempotency_key=idempotency_key):
-            kind = event.WhichOneof("event")
-            if kind == "placement":
-                placement = event.placement
-            elif kind == "delta":
-                sys.stdout.write(event.delta.text)
-                sys.stdout.flush()
-                mid_line = True
-            elif kind == "done":
-                sys.stdout.write("\n")
-                mid_line = False
-                _summary(event.done, placement, session_id, args)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                kind = event.WhichOneof("event")
+                if kind == "placement":
+                    placement = event.placement
+                elif kind == "delta":
+                    sys.stdout.write(event.delta.text)
+                    sys.stdout.flush()
+                    mid_line = True
+                elif kind == "done":
+                    sys.stdout.write("\n")
+                    mid_line = False
+                    _summary(event.done, placement, session_id, args)
     finally:
         if mid_line:  # stopped or failed mid-reply: what follows starts on a line of its own
             sys.stdout.write("\n")
@@ -210,13 +218,25 @@ async def _interactive(client: ChatClient, session_id: str, args: argparse.Names
             except asyncio.CancelledError:
                 if main.cancelling():  # the program is stopping, not just this command
                     raise
-                print("(stopped; nothing was stored)", file=sys.stderr)
+                print(_stopped(line, session_id), file=sys.stderr)
             except grpc.aio.AioRpcError as exc:
                 print(describe(exc), file=sys.stderr)
             finally:
                 command = None
     finally:
         loop.remove_signal_handler(signal.SIGINT)
+
+
+def _stopped(line: str, session_id: str) -> str:
+    """What a command stopped by Ctrl-C may have left behind. The gateway may already have done
+    its work when the stop came: a turn stored just before its Done arrived, a session created
+    just before its reply."""
+    text = line.strip()
+    if text == "/new":
+        return f"(stopped; a new session may have been created; still in session {session_id})"
+    if text in ("/history", "/help"):
+        return "(stopped)"
+    return "(stopped; /history shows whether the turn was stored)"
 
 
 async def _command(client: ChatClient, session_id: str, line: str, args: argparse.Namespace) -> str:

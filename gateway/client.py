@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -99,14 +100,20 @@ class ChatClient:
         max_tokens: int = 0,
         timeout: float | None = 120,
         idempotency_key: str = "",
-    ) -> AsyncIterator[chat_pb2.SendEvent]:
+    ) -> AsyncGenerator[chat_pb2.SendEvent, None]:
         """One turn's events. Send it again with the same `idempotency_key` (e.g. uuid4().hex) after
-        a lost connection: a turn the gateway already stored is replayed, never stored twice."""
+        a lost connection: a turn the gateway already stored is replayed, never stored twice.
+
+        Closing the stream (`aclose()`, or `contextlib.aclosing` around it) before its end cancels
+        the call at once, which stops the turn on the gateway and the worker."""
         request = chat_pb2.SendRequest(
             session_id=session_id, content=content, max_tokens=max_tokens, idempotency_key=idempotency_key
         )
-        async for event in self._events(request, timeout):
-            yield event
+        # aclosing: closing this stream must close _events (which cancels the call) now, not
+        # whenever the inner generator is garbage collected.
+        async with contextlib.aclosing(self._events(request, timeout)) as events:
+            async for event in events:
+                yield event
 
     async def send_messages(
         self,
@@ -115,7 +122,7 @@ class ChatClient:
         max_tokens: int = 0,
         affinity_key: str = "",
         timeout: float | None = 120,
-    ) -> AsyncIterator[chat_pb2.SendEvent]:
+    ) -> AsyncGenerator[chat_pb2.SendEvent, None]:
         """A stateless turn's events: the whole conversation as (role, content) pairs, the user's
         turn last; nothing is stored. `affinity_key` keeps a conversation on the worker holding its
         KV cache (e.g. a conversation id of the caller's)."""
@@ -125,12 +132,13 @@ class ChatClient:
             affinity_key=affinity_key,
             messages=[common_pb2.Message(role=role, content=content) for role, content in messages],
         )
-        async for event in self._events(request, timeout):
-            yield event
+        async with contextlib.aclosing(self._events(request, timeout)) as events:
+            async for event in events:
+                yield event
 
     async def _events(
         self, request: chat_pb2.SendRequest, timeout: float | None
-    ) -> AsyncIterator[chat_pb2.SendEvent]:
+    ) -> AsyncGenerator[chat_pb2.SendEvent, None]:
         call = self._stub.Send(request, metadata=self._metadata, timeout=timeout)
         try:
             async for event in call:
@@ -158,17 +166,18 @@ class ChatClient:
 
 
 async def _collect(
-    events: AsyncIterator[chat_pb2.SendEvent],
+    events: AsyncGenerator[chat_pb2.SendEvent, None],
 ) -> tuple[str, chat_pb2.Done, chat_pb2.Placement]:
     parts: list[str] = []
     done = chat_pb2.Done()
     placement = chat_pb2.Placement()
-    async for event in events:
-        kind = event.WhichOneof("event")
-        if kind == "delta":
-            parts.append(event.delta.text)
-        elif kind == "placement":
-            placement = event.placement  # the last one names the worker that finished the turn
-        elif kind == "done":
-            done = event.done
+    async with contextlib.aclosing(events):
+        async for event in events:
+            kind = event.WhichOneof("event")
+            if kind == "delta":
+                parts.append(event.delta.text)
+            elif kind == "placement":
+                placement = event.placement  # the last one names the worker that finished the turn
+            elif kind == "done":
+                done = event.done
     return "".join(parts), done, placement

@@ -9,7 +9,8 @@ which byte were wrong (found by walking the wire format against the message's de
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,12 +74,17 @@ def _unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
     return handle
 
 
-def _streaming(behaviour: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+def _streaming(
+    behaviour: Callable[..., AsyncGenerator[Any, None]],
+) -> Callable[..., AsyncGenerator[Any, None]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncGenerator[Any, None]:
         if isinstance(request, Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
-        async for response in behaviour(request, context):
-            yield response
+        # aclosing: closing the handler's stream closes the servicer's at once (its finally blocks
+        # end the turn), not whenever the inner generator is garbage collected.
+        async with contextlib.aclosing(behaviour(request, context)) as responses:
+            async for response in responses:
+                yield response
 
     return handle
 

@@ -17,9 +17,8 @@ import json
 import ssl
 import time
 from array import array
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol
 
 import aiohttp
 import grpc
@@ -27,7 +26,6 @@ import grpc
 from gateway.client import ChatClient
 from gateway.openai_http import SESSION_HEADER
 from gateway.servicer import AT_CAPACITY_MESSAGE
-from kvgate.v1 import chat_pb2
 
 Status = Literal["ok", "shed", "retry", "error"]
 
@@ -115,11 +113,8 @@ class GrpcTurns:
                 conv.session_id = session.session_id
             done = False
             # ChatClient.send is an async generator: closed here, its call is cancelled at once.
-            events = cast(
-                "AsyncGenerator[chat_pb2.SendEvent, None]",
-                self._client.send(
-                    conv.session_id, content, max_tokens, timeout=timeout_s, idempotency_key=idempotency_key
-                ),
+            events = self._client.send(
+                conv.session_id, content, max_tokens, timeout=timeout_s, idempotency_key=idempotency_key
             )
             async with contextlib.aclosing(events):
                 async for event in events:

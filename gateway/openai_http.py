@@ -26,7 +26,7 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -56,11 +56,24 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+# JSON may write any character as a \uXXXX escape: 6 bytes for a 1-byte character. Encoders do
+# so for more than control characters: Go's encoding/json escapes every <, > and & by default
+# (\u003c), so HTML or code stretches 6x; an emoji's 4 UTF-8 bytes are 12 as \ud83d\ude00.
+MAX_ESCAPE_STRETCH = 6
+# A message's own JSON ({"role": "assistant", "content": ""}, pretty-printed, an optional name).
+MESSAGE_JSON_BYTES = 128
+BODY_SLACK_BYTES = 64 * 1024
+
+
 def max_body_bytes(limits: Limits) -> int:
-    """The largest request body that can carry a conversation the Chat service accepts: JSON
-    escapes stretch text up to 3x (an emoji's 4 UTF-8 bytes are 12 as `\\ud83d\\ude00`), plus each
-    message's own JSON. Anything larger cannot be served, so it is not read, let alone parsed."""
-    return 3 * limits.max_conversation_bytes + 64 * limits.max_conversation_messages + 64 * 1024
+    """The largest request body that can carry a conversation the Chat service accepts, however
+    its JSON was escaped. Anything larger cannot be served, so it is not read, let alone parsed;
+    the conversation cap (checked by the Chat service on the parsed text) stays the real limit."""
+    return (
+        MAX_ESCAPE_STRETCH * limits.max_conversation_bytes
+        + MESSAGE_JSON_BYTES * limits.max_conversation_messages
+        + BODY_SLACK_BYTES
+    )
 
 
 class OpenAIFacade:
@@ -182,23 +195,21 @@ class OpenAIFacade:
             metadata=metadata,
         )
         try:
-            events = _events(call)
-            placement: chat_pb2.Placement | None = None
-            try:
-                first = await anext(events, None)
-                while first is not None and first.HasField("placement"):
-                    placement = first.placement
+            async with contextlib.aclosing(_events(call)) as events:
+                placement: chat_pb2.Placement | None = None
+                try:
                     first = await anext(events, None)
-            except grpc.aio.AioRpcError as exc:
-                return error_response(openai_errors.from_rpc_error(exc, params))
-            headers = _placement_headers(placement)
-            pending = [] if first is None else [first]
-            turn = _Turn(openai_wire.completion_id(), openai_wire.now_s(), chat.model)
-            if chat.stream:
-                return await turn.stream(
-                    request, headers, _chain(pending, events), chat.include_usage, params
-                )
-            return await turn.collect(headers, _chain(pending, events), params)
+                    while first is not None and first.HasField("placement"):
+                        placement = first.placement
+                        first = await anext(events, None)
+                except grpc.aio.AioRpcError as exc:
+                    return error_response(openai_errors.from_rpc_error(exc, params))
+                headers = _placement_headers(placement)
+                turn = _Turn(openai_wire.completion_id(), openai_wire.now_s(), chat.model)
+                async with contextlib.aclosing(_chain([] if first is None else [first], events)) as rest:
+                    if chat.stream:
+                        return await turn.stream(request, headers, rest, chat.include_usage, params)
+                    return await turn.collect(headers, rest, params)
         finally:
             # No-op once finished; on a disconnect or an error it stops the turn on the worker.
             call.cancel()
@@ -325,18 +336,19 @@ async def _send(response: web.StreamResponse, payload: openai_wire.JsonObject) -
 
 async def _events(
     call: grpc.aio.UnaryStreamCall[chat_pb2.SendRequest, chat_pb2.SendEvent],
-) -> AsyncIterator[chat_pb2.SendEvent]:
+) -> AsyncGenerator[chat_pb2.SendEvent, None]:
     async for event in call:
         yield event
 
 
 async def _chain(
-    first: list[chat_pb2.SendEvent], rest: AsyncIterator[chat_pb2.SendEvent]
-) -> AsyncIterator[chat_pb2.SendEvent]:
-    for event in first:
-        yield event
-    async for event in rest:
-        yield event
+    first: list[chat_pb2.SendEvent], rest: AsyncGenerator[chat_pb2.SendEvent, None]
+) -> AsyncGenerator[chat_pb2.SendEvent, None]:
+    async with contextlib.aclosing(rest):
+        for event in first:
+            yield event
+        async for event in rest:
+            yield event
 
 
 @web.middleware

@@ -17,16 +17,16 @@ no worker, and makes up names in the fleet's style with engine "vllm", what a GP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Protocol
 
 from gateway.metrics import QUARANTINED_TURNS
-from gateway.relay import TurnJob, TurnProgress
+from gateway.relay import Runner, TurnJob, TurnProgress
 from kvgate.v1 import chat_pb2
 
 # Same naming as a real fleet's workers: the stream must not stand out.
@@ -35,6 +35,8 @@ REGIONS = ("us-east", "us-west", "eu-west", "eu-central", "ap-southeast")
 DEFAULT_ENGINE = "vllm"
 # Workers remembered: enough to spread fake sessions over, a few KB.
 LOOK_SIZE = 64
+# Quarantined sessions whose fake worker is remembered (~200 bytes each: about 1 MB).
+SESSIONS_REMEMBERED = 4096
 ENDINGS = (".", ".", ".", "!", "?", "…")
 
 
@@ -63,23 +65,22 @@ def meows(count: int, rng: random.Random) -> list[str]:
     return tokens
 
 
-def fake_worker(session_id: str) -> tuple[str, str]:
-    """A stable (worker id, region) per session, so later turns look pinned to the same GPU."""
-    digest = hashlib.sha256(session_id.encode()).digest() if session_id else random.randbytes(2)
+def fake_worker(key: bytes) -> tuple[str, str]:
+    """A (worker id, region) in the fleet's naming style, the same for the same key."""
+    digest = hashlib.sha256(key).digest()
     region = REGIONS[digest[0] % len(REGIONS)]
     return f"{region.split('-')[0]}-{digest[1] % 8 + 1}", region
 
 
-class Runner(Protocol):
-    def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]: ...
-
-
 class FleetLook:
-    """The workers (id, region, engine) that real turns of this gateway were placed on lately."""
+    """The workers (id, region, engine) that real turns of this gateway were placed on lately, and
+    the fake worker each quarantined session was given."""
 
-    def __init__(self, size: int = LOOK_SIZE) -> None:
+    def __init__(self, size: int = LOOK_SIZE, sessions: int = SESSIONS_REMEMBERED) -> None:
         self._size = size
         self._workers: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (region, engine)
+        self._sessions_size = sessions
+        self._sessions: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
 
     def observe(self, placement: chat_pb2.Placement) -> None:
         self._workers[placement.worker_id] = (placement.region, placement.engine)
@@ -88,13 +89,25 @@ class FleetLook:
             self._workers.popitem(last=False)
 
     def worker_for(self, session_id: str) -> tuple[str, str, str]:
-        """(worker id, region, engine) for a fake placement, stable per session while the workers
-        seen stay the same (later turns look pinned to the same GPU)."""
+        """(worker id, region, engine) for a fake placement. A session keeps its first pick while
+        it is remembered, however the workers seen churn since: a real session stays pinned and
+        reports cache hits on one worker. The pick is the session's highest rendezvous hash among
+        the workers seen, so a session forgotten here, or asked about at another replica that saw
+        the same workers, is likely to get the same one again."""
+        if not session_id:  # a stateless turn without an affinity key: nothing pins it
+            return self._pick(random.randbytes(8))
+        known = self._sessions.get(session_id)
+        if known is None:
+            known = self._sessions[session_id] = self._pick(session_id.encode())
+            if len(self._sessions) > self._sessions_size:
+                self._sessions.popitem(last=False)
+        self._sessions.move_to_end(session_id)
+        return known
+
+    def _pick(self, key: bytes) -> tuple[str, str, str]:
         if not self._workers:
-            return (*fake_worker(session_id), DEFAULT_ENGINE)
-        digest = hashlib.sha256(session_id.encode()).digest() if session_id else random.randbytes(8)
-        ids = sorted(self._workers)
-        worker_id = ids[int.from_bytes(digest[:8], "big") % len(ids)]
+            return (*fake_worker(key), DEFAULT_ENGINE)
+        worker_id = max(self._workers, key=lambda w: hashlib.sha256(key + b"\0" + w.encode()).digest())
         return (worker_id, *self._workers[worker_id])
 
     def watch(self, runner: Runner) -> Runner:
@@ -107,11 +120,13 @@ class _Watched:
         self._runner = runner
         self._look = look
 
-    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]:
-        async for event in self._runner.stream(job, progress):
-            if event.HasField("placement"):
-                self._look.observe(event.placement)
-            yield event
+    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncGenerator[chat_pb2.SendEvent, None]:
+        # aclosing: closing this stream closes the runner's at once (see RefundUnlessServed).
+        async with contextlib.aclosing(self._runner.stream(job, progress)) as events:
+            async for event in events:
+                if event.HasField("placement"):
+                    self._look.observe(event.placement)
+                yield event
 
 
 class Meower:
@@ -122,7 +137,7 @@ class Meower:
         self._rng = rng or random.Random()
         self._look = look or FleetLook()
 
-    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]:
+    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncGenerator[chat_pb2.SendEvent, None]:
         QUARANTINED_TURNS.inc()
         worker_id, region, engine = self._look.worker_for(job.session_id)
         # A continued conversation would have been a cache hit on its pinned worker.

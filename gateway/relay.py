@@ -12,9 +12,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
@@ -158,6 +158,13 @@ class WorkerChannels:
         await asyncio.gather(*self._closing)
 
 
+class Runner(Protocol):
+    """Streams one assistant turn: the fleet's TurnRunner, or a stand-in of the same shape (the
+    quarantine Meower, wrappers that watch or refund a runner's turns)."""
+
+    def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncGenerator[chat_pb2.SendEvent, None]: ...
+
+
 class TurnRunner:
     def __init__(
         self,
@@ -176,7 +183,7 @@ class TurnRunner:
         self._admission = AdmissionQueue(admission or AdmissionPolicy())
         self._background: set[asyncio.Task[None]] = set()
 
-    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]:
+    async def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncGenerator[chat_pb2.SendEvent, None]:
         excluded: list[str] = []
         block_hashes = prompt.prompt_block_hashes(job.messages)
         for _attempt in range(self._max_attempts):

@@ -7,10 +7,11 @@ the fleet.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
 
 import grpc
 import redis.exceptions
@@ -22,7 +23,7 @@ from gateway.gate import Gate
 from gateway.idempotency import RunningTurn
 from gateway.metrics import IN_FLIGHT_TURNS, TTFT_SECONDS, TURNS
 from gateway.refunds import RefundUnlessServed
-from gateway.relay import AtCapacity, PlacementUnavailable, TurnJob, TurnProgress, TurnRejected
+from gateway.relay import AtCapacity, PlacementUnavailable, Runner, TurnJob, TurnProgress, TurnRejected
 from gateway.sessions import Claim, SessionGone, SessionStore, TurnClaim, new_turn_id, now_ms
 from gateway.validation import Limits, check_max_tokens, check_messages, check_metadata, check_text, quoted
 from gateway.worker_errors import worker_failure
@@ -42,12 +43,6 @@ NOT_SAVED_NO_KEY_MESSAGE = (
 )
 
 AT_CAPACITY_MESSAGE = "kvgate is at capacity right now; retry after the pushback delay"
-
-
-class Runner(Protocol):
-    """Streams one assistant turn: the fleet's TurnRunner, or the quarantine Meower."""
-
-    def stream(self, job: TurnJob, progress: TurnProgress) -> AsyncIterator[chat_pb2.SendEvent]: ...
 
 
 class ChatServicer(chat_pb2_grpc.ChatServicer):
@@ -143,7 +138,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
 
     async def Send(
         self, request: chat_pb2.SendRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[chat_pb2.SendEvent]:
+    ) -> AsyncGenerator[chat_pb2.SendEvent, None]:
         # Counted as a request before any work (even one that turns out invalid); its tokens are
         # charged below, once the prompt is known.
         caller = await self._gate.admit(context)
@@ -172,10 +167,13 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
                 return
             running = RunningTurn(self._sessions, session.session_id, request.idempotency_key, claim.token)
         try:
-            async for event in self._run_turn(
-                caller, request, session, messages, max_tokens, running, context
-            ):
-                yield event
+            # aclosing, here and below: a client going away closes this stream, and the turn's
+            # own stream (down to the worker's call) must end now, not when it is garbage collected.
+            async with contextlib.aclosing(
+                self._run_turn(caller, request, session, messages, max_tokens, running, context)
+            ) as events:
+                async for event in events:
+                    yield event
         finally:
             if running is not None:
                 await running.release()
@@ -211,7 +209,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         max_tokens: int,
         running: RunningTurn | None,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[chat_pb2.SendEvent]:
+    ) -> AsyncGenerator[chat_pb2.SendEvent, None]:
         remaining = context.time_remaining()
         job = TurnJob(
             # A stateless turn with an affinity key is placed like a session (pinned to the worker
@@ -239,8 +237,9 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
         in_flight = IN_FLIGHT_TURNS.labels(tier=caller.tier)
         in_flight.inc()
         try:
-            async for event in runner.stream(job, progress):
-                yield event
+            async with contextlib.aclosing(runner.stream(job, progress)) as events:
+                async for event in events:
+                    yield event
         except AtCapacity as exc:
             TURNS.labels(outcome="shed").inc()
             await abort_with_pushback(

@@ -68,7 +68,7 @@ async def test_ctrl_c_stops_the_reply_not_the_program(fleet: Fleet) -> None:
     out, err = await asyncio.wait_for(chat.communicate(b"/history\n/quit\n"), 30)
     stderr = err.decode()
     assert chat.returncode == 0, stderr
-    assert "(stopped; nothing was stored)" in stderr and "Traceback" not in stderr
+    assert "(stopped; /history shows whether the turn was stored)" in stderr and "Traceback" not in stderr
     assert "[0] you:" not in out.decode()
     async with fleet.client() as client:
         (session,) = await client.list_sessions()

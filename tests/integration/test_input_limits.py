@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import aiohttp
 import grpc
 import openai
@@ -93,6 +95,42 @@ async def test_http_refuses_an_oversized_conversation_naming_messages(fleet: Fle
             error = (await response.json())["error"]
     assert error["param"] == "messages"
     assert f"over {limit} bytes" in error["message"] and "65536" in error["message"]
+
+
+def _go_json(body: dict[str, object]) -> bytes:
+    """`body` as Go's encoding/json writes it: every <, > and & escaped as \\u003c, \\u003e, \\u0026."""
+    text = json.dumps(body, ensure_ascii=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
+
+
+async def test_http_serves_a_conversation_under_the_cap_however_its_json_is_escaped(fleet: Fleet) -> None:
+    # Every character of the conversation is escaped to 6 bytes; a 32k-context model holds it.
+    limits = Limits(max_conversation_bytes=32 * 1024, max_conversation_messages=16)
+    model = "mixtral-8x7b"
+    await fleet.add_worker("esc-1", "us-east", model=model, num_gpu_blocks=4000, time_scale=0.05)
+    await fleet.start_control_plane(http=True, gateway_overrides={"limits": limits, "models": (model,)})
+    await fleet.wait_for_workers({"esc-1": "ready"})
+    code = "<&>" * 10_000  # 30,000 bytes of content, 180,000 bytes of JSON
+    body = _go_json({"model": model, "messages": [{"role": "user", "content": code}], "max_tokens": 4})
+    assert len(body) > 5.5 * len(code)
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{fleet.http_base_url}/chat/completions", data=body, headers=headers
+        ) as response:
+            assert response.status == 200, await response.text()
+            completion = await response.json()
+        assert completion["usage"]["completion_tokens"] == 4
+        # The conversation cap stays the limit: over it, escaped the same way, is a 400 naming it.
+        over = [{"role": "user", "content": "<&>" * 7_000}] * 2  # 42,000 bytes
+        body = _go_json({"model": model, "messages": over, "max_tokens": 4})
+        async with http.post(
+            f"{fleet.http_base_url}/chat/completions", data=body, headers=headers
+        ) as response:
+            assert response.status == 400
+            error = (await response.json())["error"]
+    assert error["param"] == "messages"
+    assert "messages total 42000 bytes of content; the limit is 32768" in error["message"]
 
 
 async def test_a_prompt_is_hashed_only_once_its_tokens_are_charged(

@@ -1,13 +1,17 @@
-"""The session store on real Redis: appends are applied once, deleted sessions stay deleted,
-listings read only what they show, and the tenant index does not grow without bound."""
+"""The session store on real Redis: appends are applied once, a claim retried by the Redis client
+is still the request's own, deleted sessions stay deleted, listings read only what they show,
+and the tenant index does not grow without bound."""
 
 from __future__ import annotations
+
+from importlib import resources
 
 import pytest
 import redis.asyncio
 
 from gateway.sessions import (
     INDEX_TRIM_SLACK_MS,
+    Claim,
     SessionGone,
     SessionStore,
     new_turn_id,
@@ -54,6 +58,39 @@ async def test_appending_twice_with_one_turn_id_stores_the_turn_once(clean_redis
         await client.aclose()
     assert (first, again, other) == (0, 0, 1)
     assert stored is not None and [t.user for t in stored.turns] == ["hi", "hi"]
+
+
+async def test_a_claim_retried_after_a_slow_reply_is_still_this_requests(slow_proxy: SlowReplyProxy) -> None:
+    # The Redis client sends the claim again when its reply times out; the first one was applied.
+    client = connect_redis(slow_proxy.url)
+    try:
+        store = SessionStore(client, idle_ttl_s=3600)
+        session = await store.create("t", "m", "", {})
+        await store.claim_turn(session.session_id, "warm-up", 3.0)  # loads the script
+        slow_proxy.hold(b"retried-key", 2.5)
+        claim = await store.claim_turn(session.session_id, "retried-key", 3.0)
+        assert claim.outcome is Claim.CLAIMED
+        # Another request with the same key still finds the turn running.
+        assert (await store.claim_turn(session.session_id, "retried-key", 3.0)).outcome is Claim.RUNNING
+        # The retried claim's token is the lock's: the turn can store and release it.
+        assert await store.keep_claim(session.session_id, "retried-key", claim.token, 3.0)
+    finally:
+        await client.aclose()
+
+
+async def test_claiming_twice_with_one_token_claims_and_renews_the_lock(clean_redis: str) -> None:
+    client = redis.asyncio.Redis.from_url(clean_redis)
+    try:
+        claim = client.register_script((resources.files("gateway") / "lua" / "claim_turn.lua").read_text())
+        keys = ["kvgate:s:{s1}:idem", "kvgate:s:{s1}:idem-running:k"]
+        assert await claim(keys=keys, args=["k", "token-1", 1000]) == [b"claimed", -1]
+        assert await claim(keys=keys, args=["k", "token-1", 60_000]) == [b"claimed", -1]
+        assert await client.pttl(keys[1]) > 30_000  # the retry renewed the lock's ttl
+        assert await claim(keys=keys, args=["k", "token-2", 60_000]) == [b"running", -1]
+        await client.hset(keys[0], "k", 3)
+        assert await claim(keys=keys, args=["k", "token-1", 60_000]) == [b"stored", 3]
+    finally:
+        await client.aclose()
 
 
 async def test_a_turn_ending_after_its_session_was_deleted_does_not_bring_it_back(clean_redis: str) -> None:

@@ -100,7 +100,7 @@ async def test_a_client_that_goes_away_stops_its_turn_on_the_worker_at_once(flee
     async with fleet.client() as client:
         session = await client.create_session()
         events = client.send(session.session_id, "a long story", max_tokens=400)
-        async with contextlib.aclosing(events):  # type: ignore[type-var]
+        async with contextlib.aclosing(events):
             async for event in events:
                 if event.WhichOneof("event") == "delta":
                     assert worker.engine.stats().running == 1

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from gateway import chat_cli
 from kvgate.cli import SUBCOMMANDS, build_parser
 
 
@@ -46,8 +47,15 @@ def test_worker_with_unknown_gpu_profile_fails_with_one_line() -> None:
     assert "tpu9" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("value", ["-1", "lots", str(2**32)])
-def test_chat_refuses_a_bad_max_tokens_before_calling_anyone(value: str) -> None:
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("-1", "must be positive (or 0 for the gateway's default)"),
+        ("lots", "must be a whole number"),
+        (str(2**32), "must be at most 4294967295"),
+    ],
+)
+def test_chat_refuses_a_bad_max_tokens_before_calling_anyone(value: str, problem: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "kvgate.cli", "chat", "--gateway", "127.0.0.1:1", "--max-tokens", value, "hi"],
         capture_output=True,
@@ -55,5 +63,18 @@ def test_chat_refuses_a_bad_max_tokens_before_calling_anyone(value: str) -> None
         timeout=60,
     )
     assert result.returncode == 2
-    assert "--max-tokens" in result.stderr and value in result.stderr
+    assert "--max-tokens" in result.stderr and value in result.stderr and problem in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ("tell me a story", "(stopped; /history shows whether the turn was stored)"),
+        ("/new", "(stopped; a new session may have been created; still in session s1)"),
+        ("/history", "(stopped)"),
+        ("/unknown is a message too", "(stopped; /history shows whether the turn was stored)"),
+    ],
+)
+def test_a_stopped_command_says_what_it_may_have_left_behind(line: str, said: str) -> None:
+    assert chat_cli._stopped(line, "s1") == said

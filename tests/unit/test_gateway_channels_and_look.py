@@ -45,15 +45,48 @@ def _placement(worker_id: str, region: str, engine: str) -> chat_pb2.Placement:
 
 def test_the_look_names_workers_real_placements_named() -> None:
     look = FleetLook(size=2)
-    assert look.worker_for("s1")[2] == DEFAULT_ENGINE  # nothing seen yet
+    assert look.worker_for("s0")[2] == DEFAULT_ENGINE  # nothing seen yet
     look.observe(_placement("us-east-1", "us-east", "sim"))
     assert look.worker_for("s1") == ("us-east-1", "us-east", "sim")
     look.observe(_placement("eu-west-2", "eu-west", "sim"))
-    picks = {look.worker_for(f"s{i}") for i in range(40)}
+    picks = {look.worker_for(f"s{i}") for i in range(1, 40)}
     assert picks == {("us-east-1", "us-east", "sim"), ("eu-west-2", "eu-west", "sim")}
-    assert look.worker_for("s7") == look.worker_for("s7")  # stable per session
     look.observe(_placement("ap-south-1", "ap-south", "sim"))  # the oldest is forgotten
-    assert {look.worker_for(f"s{i}")[0] for i in range(40)} == {"eu-west-2", "ap-south-1"}
+    assert {look.worker_for(f"new-{i}")[0] for i in range(40)} == {"eu-west-2", "ap-south-1"}
+
+
+def test_a_session_keeps_its_fake_worker_while_the_workers_seen_churn() -> None:
+    look = FleetLook(size=4)
+    for i in range(4):
+        look.observe(_placement(f"us-east-{i}", "us-east", "sim"))
+    first = {f"s{i}": look.worker_for(f"s{i}") for i in range(20)}
+    for i in range(4, 200):  # every worker first seen has long left the look
+        look.observe(_placement(f"eu-west-{i}", "eu-west", "sim"))
+        assert all(look.worker_for(session) == worker for session, worker in first.items())
+
+
+def test_sessions_are_remembered_up_to_a_bound_then_picked_again() -> None:
+    look = FleetLook(size=2, sessions=2)
+    look.observe(_placement("us-east-1", "us-east", "sim"))
+    look.worker_for("s1")
+    look.worker_for("s2")
+    look.worker_for("s1")  # used: the least recently used is now s2
+    look.worker_for("s3")
+    look.observe(_placement("eu-west-1", "eu-west", "sim"))
+    look.observe(_placement("eu-west-2", "eu-west", "sim"))
+    assert look.worker_for("s1")[0] == "us-east-1"
+    assert look.worker_for("s3")[0] == "us-east-1"
+    assert look.worker_for("s2")[0] in {"eu-west-1", "eu-west-2"}  # forgotten: a pick among those seen
+
+
+def test_replicas_that_saw_the_same_workers_give_a_session_the_same_one() -> None:
+    replicas = [FleetLook(), FleetLook()]
+    for look, order in zip(replicas, (range(8), reversed(range(8))), strict=True):
+        for i in order:
+            look.observe(_placement(f"w{i}", "us-east", "sim"))
+    sessions = [f"s{i}" for i in range(50)]
+    assert [replicas[0].worker_for(s) for s in sessions] == [replicas[1].worker_for(s) for s in sessions]
+    assert len({replicas[0].worker_for(s) for s in sessions}) > 4  # and spread over them
 
 
 class _Fleet:

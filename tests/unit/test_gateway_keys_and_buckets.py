@@ -129,9 +129,9 @@ def test_meows_are_all_meow_and_exactly_the_token_count() -> None:
         assert text[-1] in ".!?…"
 
 
-def test_the_fake_worker_is_stable_per_session() -> None:
-    assert fake_worker("s1") == fake_worker("s1")
-    worker_id, region = fake_worker("s1")
+def test_a_made_up_worker_is_the_same_for_the_same_key() -> None:
+    assert fake_worker(b"s1") == fake_worker(b"s1")
+    worker_id, region = fake_worker(b"s1")
     assert worker_id.startswith(region.split("-")[0] + "-")
 
 
