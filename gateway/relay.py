@@ -313,6 +313,8 @@ class TurnRunner:
                 # request id: a retry that picks the same worker replaces its own; one that picks
                 # another leaves the first to expire with its ttl (the reply may have been lost
                 # after the commit), never a double booking of one worker.
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and _expired(deadline):
+                    raise  # the client's own deadline ran out, not the scheduler: say so
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or delay_s is None:
                     raise PlacementUnavailable(
                         f"scheduler unavailable ({exc.code().name}: {exc.details()})", _pushback_ms(exc)
@@ -353,6 +355,11 @@ def _refusal(shed: scheduler_pb2.Shed, request: scheduler_pb2.PlaceRequest, job:
             f"{shed.reason}; retry after the pushback delay", shed.retry_after_ms or 1000
         )
     return AtCapacity(shed.retry_after_ms, shed.reason)
+
+
+def _expired(deadline: float | None) -> bool:
+    # A Place given the turn's remaining time fails a hair before the deadline itself.
+    return deadline is not None and deadline - time.monotonic() <= 0.01
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from typing import Any, cast
 
 import grpc
@@ -63,3 +65,15 @@ async def test_other_errors_are_not_retried() -> None:
     with pytest.raises(PlacementUnavailable):
         await _place(scheduler)
     assert len(scheduler.requests) == 1
+
+
+async def test_a_place_cut_short_by_the_turns_own_deadline_is_deadline_exceeded() -> None:
+    scheduler = _Scheduler(failures=1, code=grpc.StatusCode.DEADLINE_EXCEEDED)
+    runner = TurnRunner(cast(Any, scheduler), WorkerChannels())
+    past = dataclasses.replace(JOB, deadline=time.monotonic() - 0.1)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await runner._place(past, "req-1", TurnProgress(), [], [])
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # A Place that timed out while the turn still had time is the scheduler's failure.
+    with pytest.raises(PlacementUnavailable):
+        await _place(_Scheduler(failures=1, code=grpc.StatusCode.DEADLINE_EXCEEDED))
