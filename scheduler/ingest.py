@@ -28,6 +28,11 @@ OFFLINE_CONFIRM_S = 1.0
 STALE_LOG_EVERY_S = 60.0
 
 
+def _cancel_requested() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class TelemetryIngest:
     def __init__(self, broker: MqttUrl, store: FleetStore, client_id: str) -> None:
         self._broker = broker
@@ -62,6 +67,11 @@ class TelemetryIngest:
                         self._discard_pending_offline()
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
+                if _cancel_requested():
+                    # Cancelled (the scheduler is stopping) while the client disconnected: aiomqtt's
+                    # __aexit__ can turn the CancelledError into an MqttError, and retrying here
+                    # would leave this ingest running, unseen, after its scheduler stopped.
+                    raise asyncio.CancelledError from exc
                 delay = backoff.next()
                 log.warning(
                     "telemetry ingest: broker %s unavailable (%s); retry in %.1fs",

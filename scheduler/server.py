@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -37,6 +38,18 @@ class SchedulerSettings:
     grace_s: float = 5.0
 
 
+_replicas_in_process = itertools.count(1)
+
+
+def _default_replica_id() -> str:
+    """host-pid, and a number after it for a second replica in one process (tests run two): the
+    replica id names its MQTT client, and a broker keeps one connection per client id, so two
+    replicas sharing one would disconnect each other in turn and miss telemetry."""
+    n = next(_replicas_in_process)
+    base = f"{socket.gethostname()}-{os.getpid()}"
+    return base if n == 1 else f"{base}-{n}"
+
+
 class SchedulerService:
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
@@ -48,7 +61,7 @@ class SchedulerService:
             self.store, self.fleet, make_policy(settings.policy), self._drain_worker
         )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.host.server)
-        replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+        replica = settings.replica_id or _default_replica_id()
         # Its own thread and asyncio loop: see kvgate/loop_thread.py for why not this (uvloop) loop.
         self.ingest = IngestThread(
             MqttUrl.parse(settings.mqtt_url),

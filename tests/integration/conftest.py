@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -86,3 +88,21 @@ async def slow_proxy(clean_redis: str) -> AsyncIterator[SlowReplyProxy]:
     await proxy.start()
     yield proxy
     await proxy.stop()
+
+
+def _telemetry_threads() -> list[threading.Thread]:
+    """The MQTT threads of in-process services (kvgate/loop_thread.py names them)."""
+    return [t for t in threading.enumerate() if t.name.startswith("telemetry")]
+
+
+@pytest.fixture(autouse=True)
+def _no_telemetry_thread_outlives_its_test() -> Iterator[None]:
+    """A scheduler's ingest or a worker's publisher left running after its test stopped it keeps
+    talking to the session's broker and Redis: it once fought the next test's scheduler for its
+    MQTT client id and made it miss telemetry. Fail where the leak happens, not downstream."""
+    before = set(_telemetry_threads())
+    yield
+    deadline = time.monotonic() + 5.0
+    while (left := [t for t in _telemetry_threads() if t not in before]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"MQTT threads still running after the test: {[t.name for t in left]}"
