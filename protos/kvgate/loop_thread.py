@@ -15,10 +15,13 @@ import contextlib
 import gc
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+RECANCEL_S = 0.5
 
 
 class LoopThread:
@@ -67,16 +70,26 @@ class LoopThread:
                 loop.call_soon_threadsafe(callback)
 
     async def stop(self, timeout_s: float = 5.0) -> None:
-        """Cancel main() (it may clean up in `finally`) and wait for the thread, up to timeout_s."""
+        """Cancel main() (it may clean up in `finally`) and wait for the thread, up to timeout_s.
+        The cancellation is repeated every RECANCEL_S: a library under main() may take one for an
+        error of its own and carry on (aiomqtt turns it into an MqttError on disconnect)."""
         self._stopping = True
-        task = self._task
-        if task is not None:
-            self.call_soon(task.cancel)
-        await self.join(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            task = self._task
+            if task is not None:
+                self.call_soon(task.cancel)
+            left = deadline - time.monotonic()
+            await self.join(min(RECANCEL_S, max(0.0, left)), warn=False)
+            if self._thread is None or not self._thread.is_alive():
+                return
+            if left <= RECANCEL_S:
+                log.warning("%s did not stop within %.0fs", self._name, timeout_s)
+                return
 
-    async def join(self, timeout_s: float) -> None:
+    async def join(self, timeout_s: float, warn: bool = True) -> None:
         """Wait for main() to return on its own, up to timeout_s."""
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout_s)
-            if self._thread.is_alive():
+            if warn and self._thread.is_alive():
                 log.warning("%s did not stop within %.0fs", self._name, timeout_s)

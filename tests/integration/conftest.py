@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -105,4 +107,10 @@ def _no_telemetry_thread_outlives_its_test() -> Iterator[None]:
     deadline = time.monotonic() + 5.0
     while (left := [t for t in _telemetry_threads() if t not in before]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not left, f"MQTT threads still running after the test: {[t.name for t in left]}"
+    frames = sys._current_frames()
+    stacks = "".join(
+        f"\n--- {t.name}:\n" + "".join(traceback.format_stack(frames[t.ident]))
+        for t in left
+        if t.ident in frames
+    )
+    assert not left, f"MQTT threads still running after the test: {[t.name for t in left]}{stacks}"
