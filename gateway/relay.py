@@ -74,6 +74,8 @@ class TurnJob:
     deadline: float | None = None  # time.monotonic() by which the turn must end
     # A stored session's first turn: nothing pinned yet (the scheduler may reserve sooner).
     first_turn: bool = False
+    # The worker of a stored session's previous turn: the scheduler may reserve on it sooner.
+    last_worker: str = ""
 
 
 @dataclass
@@ -270,6 +272,7 @@ class TurnRunner:
             exclude_workers=excluded,
             block_hashes=block_hashes,
             first_turn=job.first_turn and not excluded,
+            last_worker=job.last_worker,
         )
         response = await self._place_once(request, job.deadline)
         if _may_wait(response) and self._admission.enter():

@@ -224,6 +224,7 @@ class ChatServicer(chat_pb2_grpc.ChatServicer):
             max_tokens=max_tokens,
             deadline=time.monotonic() + remaining if remaining is not None else None,
             first_turn=session is not None and not session.turns,
+            last_worker=session.turns[-1].worker_id if session and session.turns else "",
         )
         # Charged at admission for the most the turn can cost: prompt plus every allowed token;
         # before the prompt's blocks are hashed (the relay's first step). Given back if the turn

@@ -2,7 +2,8 @@
 
 Two `kvgate scheduler` processes share one Redis holding 64 registered workers; an
 open-loop client sends Place RPCs at a fixed rate, alternating replicas, half of them
-continuing earlier sessions (pins). Reported side by side from one run:
+continuing earlier sessions (pins; each names its session's last worker, as the gateway does
+from the stored history). Reported side by side from one run:
 - latency inside the schedulers (policy + atomic commit), from their Prometheus histograms,
   scraped before and after the measured window (the warm-up is not counted);
 - the client-side Place round trip;
@@ -137,6 +138,9 @@ async def _load(
     latencies: list[float] = []
     shed = errors = 0
     sessions: list[str] = []
+    # Where each session's last turn was placed, named in its next Place as the gateway does
+    # from the session's stored history.
+    last_worker: dict[str, str] = {}
 
     async def one(i: int) -> None:
         nonlocal shed, errors
@@ -145,6 +149,7 @@ async def _load(
         request = scheduler_pb2.PlaceRequest(
             request_id=f"bench-{i}", session_id=session, model="llama-3-8b", tier="free",
             prompt_tokens=rng.randint(200, 2000), max_new_tokens=256, first_turn=session == f"s{i}",
+            last_worker=last_worker.get(session, ""),
         )  # fmt: skip
         started = time.perf_counter()
         try:
@@ -154,6 +159,8 @@ async def _load(
             return
         latencies.append(time.perf_counter() - started)
         shed += response.WhichOneof("result") == "shed"
+        if response.WhichOneof("result") == "placed":
+            last_worker[session] = response.placed.worker_id
 
     tasks: set[asyncio.Task[None]] = set()
     start = time.perf_counter()

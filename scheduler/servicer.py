@@ -134,15 +134,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             tier=tier,
             block_hashes=tuple(block_hashes),
             exclude_workers=frozenset(request.exclude_workers),
-            pinned_worker=self._pin_hints.get(request.session_id) if request.session_id else None,
+            pinned_worker=self._pin_hint(request),
             client_region=request.client_region,
         )
         tokens = placement.tokens_needed
         # The commit keeps the tier's headroom too: the policy's check alone is on a snapshot, and
         # replicas placing at once would let a lower tier eat it.
         headroom = self._policy.config.headroom_fraction(tier)
-        # Guess only where the lookup rarely changes the answer: a session of unknown pin might
-        # be pinned elsewhere, and a wrong guess costs a reservation given back.
+        # Guess only where the lookup rarely changes the answer: a session of unknown pin (no
+        # last_worker from the caller, not placed by this replica) might be pinned elsewhere,
+        # and a wrong guess costs a reservation given back.
         reads_lookup = self._policy.reads_pins_and_prefixes
         guessable = (
             not reads_lookup
@@ -232,6 +233,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 tokens_limit=decision.limit_tokens,
             )
         )
+
+    def _pin_hint(self, request: scheduler_pb2.PlaceRequest) -> str | None:
+        """Where the session is probably pinned, before the lookup says: the worker of its last
+        turn as the caller knows it (whichever replica placed that turn), else what this replica
+        last saw; None for a stateless turn or a session neither knows."""
+        if not request.session_id:
+            return None
+        return request.last_worker or self._pin_hints.get(request.session_id)
 
     async def _lookup_and_reserve(
         self,

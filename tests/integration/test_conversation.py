@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2
+import gateway.server
+from kvgate.v1 import chat_pb2, chat_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from tests.integration.fleet import Fleet
 
 
-async def test_two_turn_conversation_is_placed_by_free_kv_and_pinned(fleet: Fleet) -> None:
+async def test_two_turn_conversation_is_placed_by_free_kv_and_pinned(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    places = _record_place_requests(monkeypatch)
     # The eu worker has twice the KV blocks: placement by free KV tokens must choose it.
     await fleet.start({"us-1": ("us-east", 2000), "eu-1": ("eu-west", 4000)})
 
@@ -39,6 +45,28 @@ async def test_two_turn_conversation_is_placed_by_free_kv_and_pinned(fleet: Flee
         assert [t.assistant for t in stored.turns] == [text1, text2]
         assert [t.worker_id for t in stored.turns] == ["eu-1", "eu-1"]
         assert (done1.turn_index, done2.turn_index) == (0, 1)
+        # Turn 2's Place named turn 1's worker from the stored history (any scheduler replica
+        # can then reserve it in the pin lookup's round trip); turn 1 had none to name.
+        assert [(p.first_turn, p.last_worker) for p in places] == [(True, ""), (False, "eu-1")]
+
+
+def _record_place_requests(monkeypatch: pytest.MonkeyPatch) -> list[scheduler_pb2.PlaceRequest]:
+    """The PlaceRequests of gateways started after this call, as they reach the real scheduler."""
+    places: list[scheduler_pb2.PlaceRequest] = []
+
+    class RecordingStub(scheduler_pb2_grpc.SchedulerStub):
+        def __init__(self, channel: grpc.aio.Channel) -> None:
+            super().__init__(channel)
+            place = self.Place
+
+            def recording(request: scheduler_pb2.PlaceRequest, **kwargs: Any) -> Any:
+                places.append(request)
+                return place(request, **kwargs)
+
+            self.Place = recording  # type: ignore[method-assign]
+
+    monkeypatch.setattr(gateway.server.scheduler_pb2_grpc, "SchedulerStub", RecordingStub)
+    return places
 
 
 async def test_bad_input_names_the_field(fleet: Fleet) -> None:

@@ -29,10 +29,12 @@ async def _servicer_with_scripts_loaded(store: FleetStore, policy: str = "kvgate
     return servicer
 
 
-def _request(request_id: str, session_id: str, first_turn: bool = False) -> scheduler_pb2.PlaceRequest:
+def _request(
+    request_id: str, session_id: str, first_turn: bool = False, last_worker: str = ""
+) -> scheduler_pb2.PlaceRequest:
     return scheduler_pb2.PlaceRequest(
         request_id=request_id, session_id=session_id, model="m", tier="free", prompt_tokens=100,
-        max_new_tokens=60, block_hashes=[11, 12], first_turn=first_turn,
+        max_new_tokens=60, block_hashes=[11, 12], first_turn=first_turn, last_worker=last_worker,
     )  # fmt: skip
 
 
@@ -92,6 +94,43 @@ async def test_a_pin_this_replica_has_not_seen_is_looked_up_first_then_remembere
     response = await servicer._place(_request("r4", "s2"))
     assert response.placed.worker_id == "holder" and writes[0] == 1
     await _settle(servicer)
+
+
+async def test_a_session_another_replica_placed_is_placed_in_one_round_trip_given_its_last_worker(
+    store: FleetStore, writes: list[int]
+) -> None:
+    # With several replicas behind a round-robin channel, a session's next turn usually reaches
+    # a replica that did not place its last one; the gateway names that turn's worker from the
+    # stored history, so the guess is reserved with the lookup as for a pin this replica saw.
+    await report_worker(store, "idle", used_blocks=0)
+    await report_worker(store, "holder", used_blocks=500)
+    await store.record_placement("s8", "holder", None, "new")
+    servicer = await _servicer_with_scripts_loaded(store)
+    writes[0] = 0
+    response = await servicer._place(_request("r8", "s8", last_worker="holder"))
+    assert response.placed.worker_id == "holder"
+    assert response.placed.outcome == scheduler_pb2.PLACE_OUTCOME_PINNED_HIT
+    assert writes[0] == 1
+    await _settle(servicer)
+    assert await store.reserved_tokens("idle") == 0
+
+
+async def test_a_last_worker_the_session_has_left_costs_a_round_trip_and_leaves_no_reservation(
+    store: FleetStore, writes: list[int]
+) -> None:
+    await report_worker(store, "a", used_blocks=0)
+    await report_worker(store, "b", used_blocks=500)
+    # The history says "a", but the session was moved to "b" since (its pin says so).
+    await store.record_placement("s9", "b", "a", "moved")
+    servicer = await _servicer_with_scripts_loaded(store)
+    writes[0] = 0
+    response = await servicer._place(_request("r9", "s9", last_worker="a"))
+    assert response.placed.worker_id == "b"
+    assert response.placed.outcome == scheduler_pb2.PLACE_OUTCOME_PINNED_HIT
+    assert writes[0] == 2
+    await _settle(servicer)
+    assert await store.reserved_tokens("a") == 0
+    assert await store.reserved_tokens("b") == 160
 
 
 async def test_a_stale_pin_hint_costs_a_round_trip_and_leaves_no_reservation(

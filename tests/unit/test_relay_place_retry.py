@@ -77,3 +77,14 @@ async def test_a_place_cut_short_by_the_turns_own_deadline_is_deadline_exceeded(
     # A Place that timed out while the turn still had time is the scheduler's failure.
     with pytest.raises(PlacementUnavailable):
         await _place(_Scheduler(failures=1, code=grpc.StatusCode.DEADLINE_EXCEEDED))
+
+
+async def test_the_place_request_names_the_sessions_last_worker() -> None:
+    scheduler = _Scheduler(failures=0)
+    runner = TurnRunner(cast(Any, scheduler), WorkerChannels())
+    job = dataclasses.replace(JOB, last_worker="w7")
+    await runner._place(job, "req-1", TurnProgress(), [], [])
+    # A failover's Place still names it: the pin (and the lookup) are the scheduler's to check.
+    await runner._place(job, "req-2", TurnProgress(), ["w7"], [])
+    assert [r.last_worker for r in scheduler.requests] == ["w7", "w7"]
+    assert [list(r.exclude_workers) for r in scheduler.requests] == [[], ["w7"]]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvgate/v1/scheduler.proto\x12\tkvgate.v1\"\xdc\x01\n\x0cPlaceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x14\n\x0c\x62lock_hashes\x18\x07 \x03(\x04\x12\x17\n\x0f\x65xclude_workers\x18\x08 \x03(\t\x12\x15\n\rclient_region\x18\t \x01(\t\x12\x12\n\nfirst_turn\x18\n \x01(\x08\"\x8f\x01\n\x06Placed\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12(\n\x07outcome\x18\x04 \x01(\x0e\x32\x17.kvgate.v1.PlaceOutcome\x12\x17\n\x0freserved_tokens\x18\x05 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\"~\n\x04Shed\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12!\n\x04\x63ode\x18\x03 \x01(\x0e\x32\x13.kvgate.v1.ShedCode\x12\x15\n\rtokens_needed\x18\x04 \x01(\x04\x12\x14\n\x0ctokens_limit\x18\x05 \x01(\x04\"_\n\rPlaceResponse\x12#\n\x06placed\x18\x01 \x01(\x0b\x32\x11.kvgate.v1.PlacedH\x00\x12\x1f\n\x04shed\x18\x02 \x01(\x0b\x32\x0f.kvgate.v1.ShedH\x00\x42\x08\n\x06result\"7\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x14\n\x12\x46leetStatusRequest\"\xbd\x03\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x0b\n\x03gpu\x18\x06 \x01(\t\x12\r\n\x05state\x18\x07 \x01(\t\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x18\n\x10num_blocks_total\x18\t \x01(\r\x12\x17\n\x0fnum_blocks_used\x18\n \x01(\r\x12\x19\n\x11num_blocks_cached\x18\x0b \x01(\r\x12\x17\n\x0freserved_tokens\x18\x0c \x01(\x04\x12\x0f\n\x07running\x18\r \x01(\r\x12\x0f\n\x07waiting\x18\x0e \x01(\r\x12\x0f\n\x07step_ms\x18\x0f \x01(\x01\x12\x1c\n\x14\x61rithmetic_intensity\x18\x10 \x01(\x01\x12\x17\n\x0flast_seen_age_s\x18\x11 \x01(\x01\x12\x13\n\x0b\x66ree_tokens\x18\x12 \x01(\x04\x12\x17\n\x0fpinned_sessions\x18\x13 \x01(\r\x12\x16\n\x0e\x62locks_indexed\x18\x14 \x01(\r\x12\x14\n\x0ctokens_per_s\x18\x15 \x01(\x01\"\x88\x03\n\x13\x46leetStatusResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.kvgate.v1.WorkerState\x12\x1d\n\x15\x66leet_kv_tokens_total\x18\x02 \x01(\x04\x12\x1c\n\x14\x66leet_kv_tokens_free\x18\x03 \x01(\x04\x12\x44\n\x0cshed_by_tier\x18\x04 \x03(\x0b\x32..kvgate.v1.FleetStatusResponse.ShedByTierEntry\x12V\n\x15placements_by_outcome\x18\x05 \x03(\x0b\x32\x37.kvgate.v1.FleetStatusResponse.PlacementsByOutcomeEntry\x1a\x31\n\x0fShedByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a:\n\x18PlacementsByOutcomeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\'\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"$\n\x13\x44rainWorkerResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*{\n\x0cPlaceOutcome\x12\x1d\n\x19PLACE_OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11PLACE_OUTCOME_NEW\x10\x01\x12\x1c\n\x18PLACE_OUTCOME_PINNED_HIT\x10\x02\x12\x17\n\x13PLACE_OUTCOME_MOVED\x10\x03*W\n\x08ShedCode\x12\x19\n\x15SHED_CODE_AT_CAPACITY\x10\x00\x12\x17\n\x13SHED_CODE_NO_WORKER\x10\x01\x12\x17\n\x13SHED_CODE_TOO_LARGE\x10\x02\x32\xa5\x02\n\tScheduler\x12:\n\x05Place\x12\x17.kvgate.v1.PlaceRequest\x1a\x18.kvgate.v1.PlaceResponse\x12@\n\x07Release\x12\x19.kvgate.v1.ReleaseRequest\x1a\x1a.kvgate.v1.ReleaseResponse\x12L\n\x0b\x46leetStatus\x12\x1d.kvgate.v1.FleetStatusRequest\x1a\x1e.kvgate.v1.FleetStatusResponse\x12L\n\x0b\x44rainWorker\x12\x1d.kvgate.v1.DrainWorkerRequest\x1a\x1e.kvgate.v1.DrainWorkerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvgate/v1/scheduler.proto\x12\tkvgate.v1\"\xf1\x01\n\x0cPlaceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x14\n\x0c\x62lock_hashes\x18\x07 \x03(\x04\x12\x17\n\x0f\x65xclude_workers\x18\x08 \x03(\t\x12\x15\n\rclient_region\x18\t \x01(\t\x12\x12\n\nfirst_turn\x18\n \x01(\x08\x12\x13\n\x0blast_worker\x18\x0b \x01(\t\"\x8f\x01\n\x06Placed\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12(\n\x07outcome\x18\x04 \x01(\x0e\x32\x17.kvgate.v1.PlaceOutcome\x12\x17\n\x0freserved_tokens\x18\x05 \x01(\r\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\"~\n\x04Shed\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12!\n\x04\x63ode\x18\x03 \x01(\x0e\x32\x13.kvgate.v1.ShedCode\x12\x15\n\rtokens_needed\x18\x04 \x01(\x04\x12\x14\n\x0ctokens_limit\x18\x05 \x01(\x04\"_\n\rPlaceResponse\x12#\n\x06placed\x18\x01 \x01(\x0b\x32\x11.kvgate.v1.PlacedH\x00\x12\x1f\n\x04shed\x18\x02 \x01(\x0b\x32\x0f.kvgate.v1.ShedH\x00\x42\x08\n\x06result\"7\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x14\n\x12\x46leetStatusRequest\"\xbd\x03\n\x0bWorkerState\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x0b\n\x03gpu\x18\x06 \x01(\t\x12\r\n\x05state\x18\x07 \x01(\t\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x18\n\x10num_blocks_total\x18\t \x01(\r\x12\x17\n\x0fnum_blocks_used\x18\n \x01(\r\x12\x19\n\x11num_blocks_cached\x18\x0b \x01(\r\x12\x17\n\x0freserved_tokens\x18\x0c \x01(\x04\x12\x0f\n\x07running\x18\r \x01(\r\x12\x0f\n\x07waiting\x18\x0e \x01(\r\x12\x0f\n\x07step_ms\x18\x0f \x01(\x01\x12\x1c\n\x14\x61rithmetic_intensity\x18\x10 \x01(\x01\x12\x17\n\x0flast_seen_age_s\x18\x11 \x01(\x01\x12\x13\n\x0b\x66ree_tokens\x18\x12 \x01(\x04\x12\x17\n\x0fpinned_sessions\x18\x13 \x01(\r\x12\x16\n\x0e\x62locks_indexed\x18\x14 \x01(\r\x12\x14\n\x0ctokens_per_s\x18\x15 \x01(\x01\"\x88\x03\n\x13\x46leetStatusResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.kvgate.v1.WorkerState\x12\x1d\n\x15\x66leet_kv_tokens_total\x18\x02 \x01(\x04\x12\x1c\n\x14\x66leet_kv_tokens_free\x18\x03 \x01(\x04\x12\x44\n\x0cshed_by_tier\x18\x04 \x03(\x0b\x32..kvgate.v1.FleetStatusResponse.ShedByTierEntry\x12V\n\x15placements_by_outcome\x18\x05 \x03(\x0b\x32\x37.kvgate.v1.FleetStatusResponse.PlacementsByOutcomeEntry\x1a\x31\n\x0fShedByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a:\n\x18PlacementsByOutcomeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\'\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"$\n\x13\x44rainWorkerResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*{\n\x0cPlaceOutcome\x12\x1d\n\x19PLACE_OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11PLACE_OUTCOME_NEW\x10\x01\x12\x1c\n\x18PLACE_OUTCOME_PINNED_HIT\x10\x02\x12\x17\n\x13PLACE_OUTCOME_MOVED\x10\x03*W\n\x08ShedCode\x12\x19\n\x15SHED_CODE_AT_CAPACITY\x10\x00\x12\x17\n\x13SHED_CODE_NO_WORKER\x10\x01\x12\x17\n\x13SHED_CODE_TOO_LARGE\x10\x02\x32\xa5\x02\n\tScheduler\x12:\n\x05Place\x12\x17.kvgate.v1.PlaceRequest\x1a\x18.kvgate.v1.PlaceResponse\x12@\n\x07Release\x12\x19.kvgate.v1.ReleaseRequest\x1a\x1a.kvgate.v1.ReleaseResponse\x12L\n\x0b\x46leetStatus\x12\x1d.kvgate.v1.FleetStatusRequest\x1a\x1e.kvgate.v1.FleetStatusResponse\x12L\n\x0b\x44rainWorker\x12\x1d.kvgate.v1.DrainWorkerRequest\x1a\x1e.kvgate.v1.DrainWorkerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,36 +35,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FLEETSTATUSRESPONSE_SHEDBYTIERENTRY']._serialized_options = b'8\001'
   _globals['_FLEETSTATUSRESPONSE_PLACEMENTSBYOUTCOMEENTRY']._loaded_options = None
   _globals['_FLEETSTATUSRESPONSE_PLACEMENTSBYOUTCOMEENTRY']._serialized_options = b'8\001'
-  _globals['_PLACEOUTCOME']._serialized_start=1672
-  _globals['_PLACEOUTCOME']._serialized_end=1795
-  _globals['_SHEDCODE']._serialized_start=1797
-  _globals['_SHEDCODE']._serialized_end=1884
+  _globals['_PLACEOUTCOME']._serialized_start=1693
+  _globals['_PLACEOUTCOME']._serialized_end=1816
+  _globals['_SHEDCODE']._serialized_start=1818
+  _globals['_SHEDCODE']._serialized_end=1905
   _globals['_PLACEREQUEST']._serialized_start=41
-  _globals['_PLACEREQUEST']._serialized_end=261
-  _globals['_PLACED']._serialized_start=264
-  _globals['_PLACED']._serialized_end=407
-  _globals['_SHED']._serialized_start=409
-  _globals['_SHED']._serialized_end=535
-  _globals['_PLACERESPONSE']._serialized_start=537
-  _globals['_PLACERESPONSE']._serialized_end=632
-  _globals['_RELEASEREQUEST']._serialized_start=634
-  _globals['_RELEASEREQUEST']._serialized_end=689
-  _globals['_RELEASERESPONSE']._serialized_start=691
-  _globals['_RELEASERESPONSE']._serialized_end=726
-  _globals['_FLEETSTATUSREQUEST']._serialized_start=728
-  _globals['_FLEETSTATUSREQUEST']._serialized_end=748
-  _globals['_WORKERSTATE']._serialized_start=751
-  _globals['_WORKERSTATE']._serialized_end=1196
-  _globals['_FLEETSTATUSRESPONSE']._serialized_start=1199
-  _globals['_FLEETSTATUSRESPONSE']._serialized_end=1591
-  _globals['_FLEETSTATUSRESPONSE_SHEDBYTIERENTRY']._serialized_start=1482
-  _globals['_FLEETSTATUSRESPONSE_SHEDBYTIERENTRY']._serialized_end=1531
-  _globals['_FLEETSTATUSRESPONSE_PLACEMENTSBYOUTCOMEENTRY']._serialized_start=1533
-  _globals['_FLEETSTATUSRESPONSE_PLACEMENTSBYOUTCOMEENTRY']._serialized_end=1591
-  _globals['_DRAINWORKERREQUEST']._serialized_start=1593
-  _globals['_DRAINWORKERREQUEST']._serialized_end=1632
-  _globals['_DRAINWORKERRESPONSE']._serialized_start=1634
-  _globals['_DRAINWORKERRESPONSE']._serialized_end=1670
-  _globals['_SCHEDULER']._serialized_start=1887
-  _globals['_SCHEDULER']._serialized_end=2180
+  _globals['_PLACEREQUEST']._serialized_end=282
+  _globals['_PLACED']._serialized_start=285
+  _globals['_PLACED']._serialized_end=428
+  _globals['_SHED']._serialized_start=430
+  _globals['_SHED']._serialized_end=556
+  _globals['_PLACERESPONSE']._serialized_start=558
+  _globals['_PLACERESPONSE']._serialized_end=653
+  _globals['_RELEASEREQUEST']._serialized_start=655
+  _globals['_RELEASEREQUEST']._serialized_end=710
+  _globals['_RELEASERESPONSE']._serialized_start=712
+  _globals['_RELEASERESPONSE']._serialized_end=747
+  _globals['_FLEETSTATUSREQUEST']._serialized_start=749
+  _globals['_FLEETSTATUSREQUEST']._serialized_end=769
+  _globals['_WORKERSTATE']._serialized_start=772
+  _globals['_WORKERSTATE']._serialized_end=1217
+  _globals['_FLEETSTATUSRESPONSE']._serialized_start=1220
+  _globals['_FLEETSTATUSRESPONSE']._serialized_end=1612
+  _globals['_FLEETSTATUSRESPONSE_SHEDBYTIERENTRY']._serialized_start=1503
+  _globals['_FLEETSTATUSRESPONSE_SHEDBYTIERENTRY']._serialized_end=1552
+  _globals['_FLEETSTATUSRESPONSE_PLACEMENTSBYOUTCOMEENTRY']._serialized_start=1554
+  _globals['_FLEETSTATUSRESPONSE_PLACEMENTSBYOUTCOMEENTRY']._serialized_end=1612
+  _globals['_DRAINWORKERREQUEST']._serialized_start=1614
+  _globals['_DRAINWORKERREQUEST']._serialized_end=1653
+  _globals['_DRAINWORKERRESPONSE']._serialized_start=1655
+  _globals['_DRAINWORKERRESPONSE']._serialized_end=1691
+  _globals['_SCHEDULER']._serialized_start=1908
+  _globals['_SCHEDULER']._serialized_end=2201
 # @@protoc_insertion_point(module_scope)

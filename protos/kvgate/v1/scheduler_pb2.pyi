@@ -94,6 +94,7 @@ class PlaceRequest(_message.Message):
     EXCLUDE_WORKERS_FIELD_NUMBER: _builtins.int
     CLIENT_REGION_FIELD_NUMBER: _builtins.int
     FIRST_TURN_FIELD_NUMBER: _builtins.int
+    LAST_WORKER_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     session_id: _builtins.str
     model: _builtins.str
@@ -105,6 +106,12 @@ class PlaceRequest(_message.Message):
     """The session's first turn: it has no pin yet. The scheduler then reserves its choice in the
     same Redis round trip as the prefix lookup instead of after it (a hint only: a pin found
     anyway is still honoured).
+    """
+    last_worker: _builtins.str
+    """The worker that served the session's previous turn, as the caller knows it (the gateway
+    reads it from the stored history). A hint like first_turn: the scheduler reserves on it in
+    the same Redis round trip as the pin lookup, and the pin in Redis still decides. Without it,
+    a replica that has not placed the session before looks the pin up first: two round trips.
     """
     @_builtins.property
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -127,10 +134,11 @@ class PlaceRequest(_message.Message):
         exclude_workers: _abc.Iterable[_builtins.str] | None = ...,
         client_region: _builtins.str = ...,
         first_turn: _builtins.bool = ...,
+        last_worker: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "client_region", b"client_region", "exclude_workers", b"exclude_workers", "first_turn", b"first_turn", "max_new_tokens", b"max_new_tokens", "model", b"model", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "session_id", b"session_id", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "client_region", b"client_region", "exclude_workers", b"exclude_workers", "first_turn", b"first_turn", "last_worker", b"last_worker", "max_new_tokens", b"max_new_tokens", "model", b"model", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "session_id", b"session_id", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
