@@ -1,7 +1,14 @@
-"""The gateway's prompt block hashes are exactly what a sim worker's engine computes."""
+"""The gateway's prompt block hashes are exactly what a sim worker's engine computes, and a long
+conversation's are computed off the event loop."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from gateway import prompt, relay
 from gateway.prompt import prompt_block_hashes, sim_token_ids
 from gpu_worker.engine import ChatMessage
 from gpu_worker.sim import SimTokenizer
@@ -33,3 +40,23 @@ def test_prompt_block_hashes_match_the_engines() -> None:
     expected = block_hashes(SimTokenizer().encode(rendered), 16)
     assert len(expected) > 10
     assert prompt_block_hashes(messages) == expected
+
+
+async def test_a_large_conversation_is_hashed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ~60 ms per MiB: hashed on the loop, a long conversation would stall every other stream.
+    threads: list[threading.Thread] = []
+    real = prompt.prompt_block_hashes
+
+    def recording(messages: Sequence[common_pb2.Message]) -> list[int]:
+        threads.append(threading.current_thread())
+        return real(messages)
+
+    monkeypatch.setattr(prompt, "prompt_block_hashes", recording)
+    small = [common_pb2.Message(role="user", content=TEXTS[3])]
+    large = [
+        common_pb2.Message(role="user", content=TEXTS[3] * (relay.HASH_IN_THREAD_CHARS // len(TEXTS[3]) + 1))
+    ]
+    assert await relay._prompt_block_hashes(small) == real(small)
+    assert await relay._prompt_block_hashes(large) == real(large)
+    assert threads[0] is threading.current_thread()
+    assert threads[1] is not threading.current_thread()
