@@ -93,7 +93,7 @@ class ChatClient:
         )
         return list(response.sessions)
 
-    async def send(
+    def send(
         self,
         session_id: str,
         content: str,
@@ -109,13 +109,9 @@ class ChatClient:
         request = chat_pb2.SendRequest(
             session_id=session_id, content=content, max_tokens=max_tokens, idempotency_key=idempotency_key
         )
-        # aclosing: closing this stream must close _events (which cancels the call) now, not
-        # whenever the inner generator is garbage collected.
-        async with contextlib.aclosing(self._events(request, timeout)) as events:
-            async for event in events:
-                yield event
+        return self._events(request, timeout)
 
-    async def send_messages(
+    def send_messages(
         self,
         messages: Sequence[tuple[str, str]],
         model: str = "",
@@ -132,9 +128,7 @@ class ChatClient:
             affinity_key=affinity_key,
             messages=[common_pb2.Message(role=role, content=content) for role, content in messages],
         )
-        async with contextlib.aclosing(self._events(request, timeout)) as events:
-            async for event in events:
-                yield event
+        return self._events(request, timeout)
 
     async def _events(
         self, request: chat_pb2.SendRequest, timeout: float | None
